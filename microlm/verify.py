@@ -18,7 +18,7 @@ from .serve import VLLMServer, make_tiny_hf_model, COMPACT_JSON_ARGS
 __all__ = ['SMOKE_SCHEMA', 'SOAK_KINDS', 'run_async', 'post_raw', 'matches_schema', 'smoke_checks', 'hf_generate_fn',
            'parity_check', 'random_prompts', 'vllm_bench_serve', 'benchmark', 'plot_bench', 'default_tasks',
            'parse_json', 'stability_rounds', 'soak', 'plot_stability', 'stability', 'verify_all', 'deployment_plan',
-           'own_reference', 'verify_stage']
+           'own_reference', 'held_out_tasks', 'verify_stage']
 
 # %% ../nbs/13_verify.ipynb #566cc3ec
 def run_async(coro):
@@ -308,7 +308,7 @@ async def _round(server, model, tasks, constrained, seed, max_tokens, temperatur
     async def one(i, t):
         kw = {"response_format": {"type": "json_schema", "json_schema": {"name": "task", "schema": t["schema"]}}} if constrained else {}
         async with sem:
-            r = await client.chat.completions.create(model=model, messages=t["messages"], max_tokens=max_tokens, temperature=temperature,
+            r = await client.chat.completions.create(model=model, messages=t["messages"], max_tokens=min(max_tokens, t.get("max_tokens", max_tokens)), temperature=temperature,
                                                      seed=seed * 10007 + i, **kw)
         obj = parse_json(r.choices[0].message.content or "")
         return obj is not None, obj is not None and matches_schema(obj, t["schema"]), obj == t["gold"]
@@ -435,6 +435,17 @@ def own_reference(run: Run) -> Callable[[list[int], int], list[int]]:
     own = load_own(run, "own_base")
     return lambda ids, n: generate(own, [list(ids)], n)[0].ids
 
+def held_out_tasks(run: Run) -> list[dict]:
+    "The evaluation's held-out structured prompts (without their answers), each with the token budget the own context leaves."
+    from microlm.evaluate import eval_examples
+    from microlm.tokenizer import load_tokenizer
+    tok, ctx, out = load_tokenizer(run.tokenizer), run.preset.model.max_position_embeddings, []
+    for e in eval_examples(run):
+        prompt = e["messages"][:-1]
+        n = len(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
+        out.append(dict(messages=prompt, schema=e["schema"], gold=e["gold"], max_tokens=max(1, ctx - n)))
+    return out
+
 def verify_stage(run: Run, force: bool = False, model: str | None = None, lora_modules: dict | None = None,
                  tasks: Sequence[dict] | None = None, reference_fn: Callable | None = None) -> dict:
     "Serve the run's exported models with vLLM and verify them into `run.verify/` (the pipeline's deployment stage)."
@@ -447,8 +458,7 @@ def verify_stage(run: Run, force: bool = False, model: str | None = None, lora_m
         if not (run.hf/model/"config.json").exists(): raise FileNotFoundError(f"{run.hf/model/'config.json'} not found: run the export stage first")
         plan = [dict(model=model, lora_modules=lora_modules, own=reference_fn is not None)]
     if tasks is None and (run.sft/"tasks_test.jsonl").exists():
-        from microlm.evaluate import eval_examples
-        tasks = eval_examples(run)
+        tasks = held_out_tasks(run)
     t0, cfg, summary = time.time(), run.preset.serve, {}
     run.verify.mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(plan):

@@ -1,0 +1,143 @@
+"Invariants of microlm.hf: export parity (logits, greedy tokens, chat template), refusals, PEFT on the own adapter, chat features."
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from microlm.config import SMOKE, LoraConfig, Run
+from microlm.generate import default_stop_ids, generate
+from microlm.hf import (chat_features, check_exportable, export_adapter, export_hf, export_stage, hf_greedy, load_hf,
+                        max_logit_diff, pad_batch, peft_logit_diff, resolve_pretrained)
+from microlm.model import MicroLM
+from microlm.tokenizer import load_tokenizer, save_tokenizer, to_hf, train_bpe
+
+import transformers
+transformers.utils.logging.set_verbosity_error()
+
+TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the slings and arrows "
+        "of outrageous fortune, or to take arms against a sea of troubles. ") * 40
+CONVS = [[{"role": "user", "content": "Who speaks first?"}],
+         [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Who?"},
+          {"role": "assistant", "content": '{"speaker":"HAMLET"}'}, {"role": "user", "content": "And then?"}]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")/"tokenizer"
+    with pytest.warns(UserWarning): bpe = train_bpe(TEXT, 400)
+    return save_tokenizer(to_hf(bpe), d)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MicroLM(replace(SMOKE.model, vocab_size=400)).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, model, tok_dir):
+    return export_hf(model, tok_dir, tmp_path_factory.mktemp("hf")/"own")
+
+
+def test_export_files_and_config(exported):
+    names = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    cfg = json.loads((exported/"config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama" and "auto_map" not in cfg
+    gen = json.loads((exported/"generation_config.json").read_text())
+    assert sorted(gen["eos_token_id"]) == [0, 2]               # <|endoftext|> and <|im_end|>
+
+
+def test_logits_parity(model, exported):
+    hf, tok = load_hf(exported)                                # plain transformers, no trust_remote_code
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([tok.encode(TEXT)[:40], tok.encode(TEXT[100:])[:40]])
+    assert max_logit_diff(model, hf, ids) < 1e-5
+
+
+def test_greedy_parity(model, exported, tok_dir):
+    hf, _ = load_hf(exported)
+    tok = load_tokenizer(tok_dir)
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in CONVS]
+    ours = [g.ids for g in generate(model, prompts, 20, stop_token_ids=default_stop_ids(tok))]
+    assert ours == hf_greedy(hf, prompts, 20)
+    assert all(len(o) > 0 for o in ours)
+
+
+def test_chat_template_identical(exported, tok_dir):
+    ours, theirs = load_tokenizer(tok_dir), transformers.AutoTokenizer.from_pretrained(exported)
+    for c in CONVS:
+        for gp in (True, False):
+            assert theirs.apply_chat_template(c, tokenize=False, add_generation_prompt=gp) == \
+                   ours.apply_chat_template(c, tokenize=False, add_generation_prompt=gp)
+    assert (exported/"tokenizer.json").read_bytes() == (Path(tok_dir)/"tokenizer.json").read_bytes()
+
+
+def test_refuses_unsupported_head_size():
+    bad = type("Cfg", (), {"head_dim": 48, "vocab_size": 1024})()
+    with pytest.raises(ValueError, match="head size 48"): check_exportable(bad, 1024)
+
+
+def test_refuses_tokenizer_larger_than_embedding(tmp_path, tok_dir):
+    torch.manual_seed(0)
+    small = MicroLM(replace(SMOKE.model, vocab_size=300))
+    with pytest.raises(ValueError, match="embedding only 300"): export_hf(small, tok_dir, tmp_path/"x")
+    assert not (tmp_path/"x").exists()
+
+
+def test_peft_loads_own_adapter(tmp_path, model, tok_dir):
+    from peft import PeftModel
+    from microlm.lora import apply_lora, lora_modules, merge_lora, save_adapter
+    import copy
+    lcfg = LoraConfig(r=4, alpha=8, dropout=0.0)
+    lm = apply_lora(copy.deepcopy(model), lcfg).eval()
+    torch.manual_seed(1)
+    for m in lora_modules(lm).values(): torch.nn.init.normal_(m.lora_B.weight, std=0.05)   # a non-trivial adapter
+    save_adapter(lm, tmp_path/"adapter", lcfg, base_model_name_or_path="somewhere/else")
+    base = export_hf(model, tok_dir, tmp_path/"own_base")
+    merged = merge_lora(lm).eval()
+    ad = export_adapter(tmp_path/"adapter", base, tmp_path/"own_lora_adapter")
+    assert json.loads((ad/"adapter_config.json").read_text())["base_model_name_or_path"] == str(base.absolute())
+    ids = torch.tensor([list(range(5, 45))])
+    assert peft_logit_diff(base, ad, merged, ids) < 1e-5
+    with torch.no_grad():
+        assert (merged(ids).logits - model(ids).logits).abs().max() > 1e-3      # the adapter really changes the model
+        assert (lm(ids).logits - merged(ids).logits).abs().max() < 1e-5
+
+
+def test_chat_features_masks_only_the_answer(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    msgs = CONVS[1] + [{"role": "assistant", "content": '{"speaker":"OPHELIA"}'}]
+    x, y = chat_features(tok, msgs, 512)
+    assert len(x) == len(y)
+    sup = [t for t in y if t != -100]
+    assert tok.decode(sup) == '{"speaker":"OPHELIA"}<|im_end|>'           # the last answer and its end, nothing else
+    first = sum(1 for t in y if t == -100)
+    assert y[first:] == x[first:] and all(t == -100 for t in y[:first])
+    assert x[:first] == tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_dict=False)
+    assert chat_features(tok, msgs, len(x) - 1) is None and chat_features(tok, msgs, len(x)) is not None
+
+
+def test_pad_batch():
+    ids, lab, att = pad_batch([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=3)
+    assert ids.tolist() == [[5, 6, 7], [8, 3, 3]] and lab.tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert att.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_resolve_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not installed"): resolve_pretrained("gguf:no_such_pkg_xyz/a.gguf")
+    with pytest.raises(FileNotFoundError, match="does not exist"): resolve_pretrained("gguf:microlm/nope.gguf")
+    assert resolve_pretrained(str(tmp_path)) == (str(tmp_path), None)
+
+
+def test_export_stage_names_missing_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"): export_stage(Run(tmp_path, "smoke"))

@@ -39,9 +39,10 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor: return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.merged: return y
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if self.merged: return F.linear(x, self.weight, self.bias)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            return F.linear(x, self.weight + self.delta_weight(), self.bias)  # W x + s·B(A x), folded: one activation-sized matmul
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     @torch.no_grad()
     def merge(self):
@@ -153,21 +154,13 @@ def lora_stage(run: Run, force: bool = False, log_every: int = 10, progress: boo
     "LoRA fine-tuning of the pretrained model of `run`; writes run.lora/ (PEFT adapter, log.jsonl, loss.png)."
     if run.is_current("lora") and not force:
         print("lora: up to date"); return run.status("lora")["summary"]
-    import shutil
-    from microlm.model import load_model
-    from microlm.sft import _require, finetune_data
-    from microlm.tokenizer import load_tokenizer
-    from microlm.train import read_log, train
-    _require(run.pretrain/"model.safetensors", run.tokenizer/"tokenizer.json")
-    t0, cfg, out = time.time(), run.preset.lora_train, run.lora
-    if force: shutil.rmtree(out/"ckpt", ignore_errors=True)
-    tok = load_tokenizer(run.tokenizer)
-    data, batches, valid = finetune_data(run, tok, cfg)
-    seed_everything(run.preset.seed)
-    model = apply_lora(load_model(run.pretrain), run.preset.lora)
+    from microlm.sft import finetune, finetune_setup
+    from microlm.train import read_log
+    t0 = time.time()
+    cfg, out, data, batches, valid, model = finetune_setup(run, "lora", force)
+    model = apply_lora(model, run.preset.lora)
     share = trainable_table(model)[-1]
-    s = train(model, batches, cfg, out, valid=valid, meta={"config_hash": run.hash("lora"), "model_config": asdict(model.cfg)},
-              log_every=log_every, progress=progress, desc="lora")
+    s = finetune(run, "lora", model, cfg, out, batches, valid, log_every, progress)
     save_adapter(model, out, run.preset.lora, base_model_name_or_path=str(run.pretrain))
     ev = [r for r in read_log(out/"log.jsonl") if "val_loss" in r]
     summary = dict(steps=s["steps"], loss=s["loss"], val_loss_start=ev[0]["val_loss"], val_loss=s["val_loss"],

@@ -16,10 +16,9 @@ from torch import nn, Tensor
 from .config import ModelConfig, atomic_path, atomic_write
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'CONFIG', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope', 'MLP', 'repeat_kv',
-           'Attention', 'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'MicroLM',
-           'KVCache', 'count_params', 'to_hf_config', 'save_model', 'read_model_config', 'check_state_dict',
-           'load_model']
+__all__ = ['WEIGHTS', 'CONFIG', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope', 'MLP', 'Attention',
+           'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'MicroLM', 'KVCache',
+           'count_params', 'to_hf_config', 'save_model', 'read_model_config', 'check_state_dict', 'load_model']
 
 # %% ../nbs/04_model.ipynb #65958319
 class RMSNorm(nn.Module):
@@ -67,12 +66,6 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor: return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 # %% ../nbs/04_model.ipynb #de164b1a
-def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    "(B, nkv, S, hd) -> (B, nkv*n_rep, S, hd): each K/V head serves `n_rep` query heads."
-    if n_rep == 1: return x
-    B, nkv, S, hd = x.shape
-    return x[:, :, None].expand(B, nkv, n_rep, S, hd).reshape(B, nkv * n_rep, S, hd)
-
 class Attention(nn.Module):
     "Causal grouped-query self-attention with RoPE, through `scaled_dot_product_attention`."
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -92,8 +85,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = mask is None and (cache is None or cache.length == 0)    # no offset, no padding: the fast path
         if cache is not None: k, v = cache.update(self.layer_idx, k, v)   # (B, nkv, past+T, hd)
-        k, v = repeat_kv(k, self.nh // self.nkv), repeat_kv(v, self.nh // self.nkv)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,  # (B, nh, T, hd)
+                                           enable_gqa=self.nkv != self.nh)  # each K/V head serves nh/nkv query heads, no copies
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 # %% ../nbs/04_model.ipynb #61756be8

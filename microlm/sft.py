@@ -19,7 +19,7 @@ __all__ = ['SCHEMAS', 'KINDS', 'TASKS', 'numeral', 'parse_play', 'moves', 'schem
            'task_extract', 'task_to_json', 'task_format', 'task_repair', 'make_task', 'play_tasks', 'split_tasks',
            'chatterbot_dialogues', 'chat_examples', 'load_conversations', 'load_alpaca', 'encode_chat', 'collate',
            'next_token_xy', 'SFTBatches', 'eval_batches', 'sft_data', 'encode_examples', 'schemas_text', 'write_jsonl',
-           'reply', 'write_sft_files', 'finetune_data', 'sft_stage']
+           'reply', 'write_sft_files', 'finetune_data', 'finetune_setup', 'finetune', 'sft_stage']
 
 # %% ../nbs/06_sft.ipynb #b0481c6c
 _ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
@@ -426,24 +426,35 @@ def finetune_data(run: Run, tok, cfg) -> tuple[dict, SFTBatches, list]:
     valid = eval_batches(encode_examples(tok, valid_ex, cfg.seq_len), cfg.eval_batches, cfg.batch_size, tok.pad_token_id)
     return data, SFTBatches(train_enc, cfg.batch_size, tok.pad_token_id, seed=run.preset.seed + 7), valid
 
+def finetune_setup(run: Run, stage: str, force: bool = False) -> tuple:
+    "What full SFT and LoRA share before training: inputs checked, tokenizer, data, batches and the pretrained model: (cfg, out, data, batches, valid, model)."
+    from microlm.model import load_model
+    from microlm.tokenizer import load_tokenizer
+    _require(run.pretrain/"model.safetensors", run.tokenizer/"tokenizer.json")
+    cfg, out = {"sft": run.preset.sft, "lora": run.preset.lora_train}[stage], run.path(stage)
+    if force: shutil.rmtree(out/"ckpt", ignore_errors=True)
+    data, batches, valid = finetune_data(run, load_tokenizer(run.tokenizer), cfg)
+    seed_everything(run.preset.seed)
+    model = load_model(run.pretrain)
+    if cfg.seq_len > model.cfg.max_position_embeddings:
+        raise ValueError(f"{stage}: seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={model.cfg.max_position_embeddings}")
+    return cfg, out, data, batches, valid, model
+
+def finetune(run: Run, stage: str, model, cfg, out: Path, batches, valid, log_every: int = 10, progress: bool = True) -> dict:
+    "Run the shared training loop for fine-tuning stage `stage` (checkpoints of another configuration are discarded)."
+    from microlm.train import train
+    return train(model, batches, cfg, out, valid=valid, meta={"config_hash": run.hash(stage), "model_config": asdict(model.cfg)},
+                 log_every=log_every, progress=progress, desc=stage, on_mismatch="restart")
+
 def sft_stage(run: Run, force: bool = False, log_every: int = 10, progress: bool = True) -> dict:
     "Fine-tune the pretrained model of `run` on the SFT data; writes run.sft/ (model, log.jsonl, loss.png, tasks_*.jsonl)."
     if run.is_current("sft") and not force:
         print("sft: up to date"); return run.status("sft")["summary"]
-    from microlm.model import load_model, save_model
-    from microlm.tokenizer import load_tokenizer
-    from microlm.train import train, read_log
-    _require(run.pretrain/"model.safetensors", run.tokenizer/"tokenizer.json")
-    t0, cfg, out = time.time(), run.preset.sft, run.sft
-    if force: shutil.rmtree(out/"ckpt", ignore_errors=True)
-    tok = load_tokenizer(run.tokenizer)
-    data, batches, valid = finetune_data(run, tok, cfg)
-    seed_everything(run.preset.seed)
-    model = load_model(run.pretrain)
-    if cfg.seq_len > model.cfg.max_position_embeddings:
-        raise ValueError(f"sft: seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={model.cfg.max_position_embeddings}")
-    s = train(model, batches, cfg, out, valid=valid, meta={"config_hash": run.hash("sft"), "model_config": asdict(model.cfg)},
-              log_every=log_every, progress=progress, desc="sft")
+    from microlm.model import save_model
+    from microlm.train import read_log
+    t0 = time.time()
+    cfg, out, data, batches, valid, model = finetune_setup(run, "sft", force)
+    s = finetune(run, "sft", model, cfg, out, batches, valid, log_every, progress)
     save_model(model, out); write_sft_files(run, data, out)
     ev = [r["val_loss"] for r in read_log(out/"log.jsonl") if "val_loss" in r]
     summary = dict(steps=s["steps"], loss=s["loss"], val_loss_start=ev[0] if ev else None, val_loss=s["val_loss"],

@@ -259,8 +259,11 @@ def train(model: nn.Module,                 # any module whose forward(x) return
           log_every: int = 10,              # steps between train log lines
           max_minutes: float | None = None, # stop (and checkpoint) after this much wall time
           on_step: Callable | None = None,  # on_step(step, record) after each optimizer step
-          resume: bool = True, progress: bool = True, desc: str = "train") -> dict:
+          resume: bool = True, progress: bool = True, desc: str = "train",
+          on_mismatch: str = "error",       # a checkpoint of another configuration: 'error', or 'restart' (discard it, start over)
+         ) -> dict:
     "Train `model` in place for `cfg.max_steps` optimizer steps (resuming from `out/ckpt`); returns a summary."
+    if on_mismatch not in ("error", "restart"): raise ValueError(f"on_mismatch must be 'error' or 'restart', got {on_mismatch!r}")
     rank, world, device = init_distributed()
     out = Path(out); ckdir = out/"ckpt"; logf = out/"log.jsonl"
     meta = meta or {"config_hash": stable_hash(asdict(cfg)), "model_config": None}
@@ -268,7 +271,11 @@ def train(model: nn.Module,                 # any module whose forward(x) return
     raw = model.to(device); raw.train()
     opt = make_optimizer(raw, cfg)
     step = tokens = 0
-    found = latest_checkpoint(ckdir, raw, meta) if resume else None
+    try: found = latest_checkpoint(ckdir, raw, meta) if resume else None
+    except CheckpointMismatch as e:
+        if on_mismatch == "error": raise
+        found = None                                  # the fresh start below clears the other configuration's checkpoints
+        if rank == 0: print(f"{desc}: {e}; starting over")
     if found:
         path, weights, st = found
         raw.load_state_dict(weights); opt.load_state_dict(st["optimizer"]); set_rng_states(st["rng"])
@@ -386,11 +393,8 @@ def pretrain_stage(run: Run, force: bool = False,
     batches = TokenWindows(train_tok, cfg.batch_size, cfg.seq_len, seed=p.seed + 1 + rank)
     valid = eval_windows(valid_tok, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
     ck_meta = {"config_hash": run.hash("pretrain"), "model_config": asdict(mcfg)}
-    try:
-        s = train(model, batches, cfg, out, valid=valid, bytes_per_token=split_bytes_per_token(meta, "valid"), meta=ck_meta,
-                  log_every=log_every, max_minutes=max_minutes, progress=progress, desc="pretrain")
-    except CheckpointMismatch as e:
-        raise CheckpointMismatch(f"{e}. Pass force=True (CLI: --force) to start pretraining over.") from None
+    s = train(model, batches, cfg, out, valid=valid, bytes_per_token=split_bytes_per_token(meta, "valid"), meta=ck_meta,
+              log_every=log_every, max_minutes=max_minutes, progress=progress, desc="pretrain", on_mismatch="restart")
     summary = {**{k: s[k] for k in ("steps", "tokens", "loss", "val_loss", "val_bpb", "tok_s", "params", "world_size")},
                "minutes": round((time.time() - t0) / 60, 2)}
     if rank == 0:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_verify.ipynb #4d350394
 from __future__ import annotations
-import asyncio, json, random, subprocess, sys, tempfile, threading, time, urllib.error, urllib.request
+import asyncio, json, random, re, subprocess, sys, tempfile, threading, time, urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,8 +17,8 @@ from .serve import VLLMServer, make_tiny_hf_model, COMPACT_JSON_ARGS
 # %% auto #0
 __all__ = ['SMOKE_SCHEMA', 'SOAK_KINDS', 'run_async', 'post_raw', 'matches_schema', 'smoke_checks', 'hf_generate_fn',
            'parity_check', 'random_prompts', 'vllm_bench_serve', 'benchmark', 'plot_bench', 'default_tasks',
-           'parse_json', 'stability_rounds', 'soak', 'plot_stability', 'stability', 'verify_all', 'deployment_plan',
-           'own_reference', 'held_out_tasks', 'verify_stage']
+           'bounded_schema', 'longest_answer', 'parse_json', 'stability_rounds', 'soak', 'plot_stability', 'stability',
+           'verify_all', 'deployment_plan', 'own_reference', 'held_out_tasks', 'verify_stage']
 
 # %% ../nbs/13_verify.ipynb #566cc3ec
 def run_async(coro):
@@ -53,7 +53,10 @@ def matches_schema(obj, schema: dict) -> bool:
         if any(k not in obj for k in schema.get("required", [])): return False
         if schema.get("additionalProperties") is False and any(k not in props for k in obj): return False
         return all(matches_schema(v, props[k]) for k, v in obj.items() if k in props)
-    if isinstance(obj, list) and "items" in schema: return all(matches_schema(v, schema["items"]) for v in obj)
+    if isinstance(obj, str) and "pattern" in schema and not re.search(schema["pattern"], obj): return False
+    if isinstance(obj, list):
+        if not schema.get("minItems", 0) <= len(obj) <= schema.get("maxItems", np.inf): return False
+        if "items" in schema: return all(matches_schema(v, schema["items"]) for v in obj)
     return True
 
 # %% ../nbs/13_verify.ipynb #ced10885
@@ -237,7 +240,8 @@ def benchmark(server: VLLMServer, out_dir: str | Path | None = None,
               concurrency: Sequence[int] = (1, 4, 16),        # concurrent streams per level
               shapes: Sequence[tuple[int, int]] = ((32, 16),), # (prompt tokens, output tokens)
               requests: int = 16,                               # requests per level (at least the concurrency)
-              baseline: Callable[[list[int], int], list[int]] | None = None, baseline_name: str = "transformers",
+              baseline: Callable[[list[int], int], list[int]] | dict | None = None, # fn, or {name: fn} for several
+              baseline_name: str = "transformers",              # the name of a single `baseline` fn
               baseline_requests: int = 4,                        # sequential baseline requests per shape
               vllm_bench: dict | None = None,                   # kwargs for `vllm_bench_serve`, or None to skip
               model: str | None = None, seed: int = 0) -> dict:
@@ -249,11 +253,12 @@ def benchmark(server: VLLMServer, out_dir: str | Path | None = None,
         for c in concurrency:
             prompts = random_prompts(max(requests, c), plen, vocab, seed=seed + 1000 * s + c)
             levels.append({"prompt_len": plen, "output_len": olen, **run_async(_level(server, model, prompts, olen, c))})
-        if baseline is not None:
+        fns = baseline if isinstance(baseline, dict) else {baseline_name: baseline} if baseline is not None else {}
+        for name, fn in fns.items():
             times, toks = [], 0
             for p in random_prompts(baseline_requests, plen, vocab, seed=seed + 1000 * s + 1):
-                t0 = time.perf_counter(); toks += len(baseline(p, olen)); times.append(time.perf_counter() - t0)
-            base.append({"name": baseline_name, "prompt_len": plen, "output_len": olen, "requests": len(times), "concurrency": 1,
+                t0 = time.perf_counter(); toks += len(fn(p, olen)); times.append(time.perf_counter() - t0)
+            base.append({"name": name, "prompt_len": plen, "output_len": olen, "requests": len(times), "concurrency": 1,
                          "output_tok_s": round(toks / sum(times), 1), "latency_p50": _pct(times, 50), "latency_p95": _pct(times, 95)})
     res = {"model": model, "levels": levels, "baseline": base, "errors": sum(l["errors"] for l in levels),
            "vllm_bench": vllm_bench_serve(server, **vllm_bench) if vllm_bench is not None else None}
@@ -296,6 +301,57 @@ def default_tasks() -> list[dict]:
             {"messages": u('HAMLET. To be, or not to be. Who speaks? JSON {"speaker": ...}.'), "schema": who, "gold": {"speaker": "HAMLET"}},
             {"messages": u('Is the moon made of cheese? Answer as JSON {"answer": "yes"|"no"}.'), "schema": yn, "gold": {"answer": "no"}}]
 
+_SAFE_CHAR = "[A-Za-z0-9 ,.;:!?'()&-]"  # printable ASCII without quote or backslash: at most one token each, never escaped
+
+def _worst_len(s: dict) -> int:
+    "The longest compact JSON (in bytes, so in tokens for a byte-level tokenizer) a bounded schema allows."
+    if "enum" in s: return max(len(json.dumps(v, separators=(",", ":"))) for v in s["enum"])
+    t = s.get("type")
+    if t == "object":
+        ps = s.get("properties", {})
+        return 2 + sum(len(json.dumps(k)) + 1 + _worst_len(v) for k, v in ps.items()) + max(len(ps) - 1, 0)
+    if t == "array": return 2 + s["maxItems"] * (_worst_len(s["items"]) + 1) - (1 if s["maxItems"] else 0)
+    if t == "string": return 2 + s["_chars"]
+    if t == "integer": return max(len(str(s["minimum"])), len(str(s["maximum"])))
+    if t == "boolean": return 5
+    raise ValueError(f"bounded_schema: cannot bound a schema of type {t!r}")
+
+def _bounded(s: dict, items: int, chars: int) -> dict:
+    "A copy of `s` with every object closed, arrays of at most `items`, strings of at most `chars` safe characters, integers 0..999."
+    if "enum" in s: return dict(s)
+    s, t = dict(s), s.get("type")
+    if t == "object":
+        s["properties"] = {k: _bounded(v, items, chars) for k, v in s.get("properties", {}).items()}
+        s["required"], s["additionalProperties"] = list(s["properties"]), False
+    elif t == "array": s["maxItems"] = min(s.get("maxItems", items), items); s["items"] = _bounded(s["items"], items, chars)
+    elif t == "string": s["pattern"], s["_chars"] = f"^{_SAFE_CHAR}{{0,{chars}}}$", chars  # xgrammar refuses pattern + maxLength
+    elif t == "integer": s.setdefault("minimum", 0); s.setdefault("maximum", 999)
+    return s
+
+def _strip(s):
+    return {k: _strip(v) for k, v in s.items() if k != "_chars"} if isinstance(s, dict) else s
+
+def bounded_schema(schema: dict, max_tokens: int) -> dict | None:
+    "A copy of `schema` every valid answer of which fits in `max_tokens` tokens (strings and arrays as long as that allows); None if none fits."
+    best = None
+    for items in (8, 6, 4, 3, 2, 1, 0):
+        for chars in (64, 48, 32, 24, 16, 12, 8, 4, 1, 0):
+            s = _bounded(schema, items, chars)
+            if _worst_len(s) <= max_tokens:
+                if best is None or min(items, 4) * chars > best[0]: best = (min(items, 4) * chars, s)
+                break
+    return best and _strip(best[1])
+
+def longest_answer(schema: dict):
+    "The longest answer a `bounded_schema` result allows (each string at its limit, each array full)."
+    if "enum" in schema: return max(schema["enum"], key=lambda v: len(json.dumps(v)))
+    t = schema.get("type")
+    if t == "object": return {k: longest_answer(v) for k, v in schema["properties"].items()}
+    if t == "array": return [longest_answer(schema["items"])] * schema["maxItems"]
+    if t == "string": return "W" * int(re.search(r"\{0,(\d+)\}", schema["pattern"])[1])
+    if t == "integer": return max(schema["minimum"], schema["maximum"], key=lambda v: len(str(v)))
+    return False
+
 def parse_json(text: str):
     "The first JSON value in `text` (after any leading prose), or None."
     i = min((j for j in (text.find("{"), text.find("[")) if j >= 0), default=-1)
@@ -303,12 +359,12 @@ def parse_json(text: str):
     try: return json.JSONDecoder().raw_decode(text[i:])[0]
     except json.JSONDecodeError: return None
 
-async def _round(server, model, tasks, constrained, seed, max_tokens, temperature, concurrency=8) -> dict:
+async def _round(server, model, tasks, constrained, seed, temperature, concurrency=8) -> dict:
     client, sem = server.async_client(), asyncio.Semaphore(concurrency)
     async def one(i, t):
-        kw = {"response_format": {"type": "json_schema", "json_schema": {"name": "task", "schema": t["schema"]}}} if constrained else {}
+        kw = {"response_format": {"type": "json_schema", "json_schema": {"name": "task", "schema": t["grammar"]}}} if constrained else {}
         async with sem:
-            r = await client.chat.completions.create(model=model, messages=t["messages"], max_tokens=min(max_tokens, t.get("max_tokens", max_tokens)), temperature=temperature,
+            r = await client.chat.completions.create(model=model, messages=t["messages"], max_tokens=t["max_tokens"], temperature=temperature,
                                                      seed=seed * 10007 + i, **kw)
         obj = parse_json(r.choices[0].message.content or "")
         return obj is not None, obj is not None and matches_schema(obj, t["schema"]), obj == t["gold"]
@@ -320,8 +376,12 @@ async def _round(server, model, tasks, constrained, seed, max_tokens, temperatur
 
 def stability_rounds(server: VLLMServer, tasks: Sequence[dict], rounds: int = 2, max_tokens: int = 64, temperature: float = 0.7,
                      model: str | None = None) -> list[dict]:
-    "Send every task free and constrained, `rounds` times; parse/schema/exact rates per round and mode."
-    return [{"round": r, **run_async(_round(server, model or server.served_name, tasks, c, r, max_tokens, temperature))}
+    "Send every task free and constrained (with its schema bounded to its token budget), `rounds` times; rates per round and mode."
+    budget = lambda t: min(max_tokens, t.get("max_tokens", max_tokens))
+    fit = [dict(t, max_tokens=budget(t), grammar=bounded_schema(t["schema"], budget(t))) for t in tasks]
+    kept = [t for t in fit if t["grammar"] is not None]
+    if not kept: raise ValueError(f"stability_rounds: none of the {len(tasks)} tasks can fit a JSON answer in its token budget")
+    return [{"round": r, **run_async(_round(server, model or server.served_name, kept, c, r, temperature)), "skipped": len(fit) - len(kept)}
             for r in range(rounds) for c in (False, True)]
 
 # %% ../nbs/13_verify.ipynb #a784f756
@@ -390,13 +450,14 @@ def plot_stability(res: dict):
     return fig
 
 def stability(server: VLLMServer, out_dir: str | Path | None = None, tasks: Sequence[dict] | None = None, rounds: int = 2,
-              soak_requests: int = 500, concurrency: int = 16, max_tokens: int = 8, round_tokens: int = 64) -> dict:
+              soak_requests: int = 500, concurrency: int = 16, max_tokens: int = 8, round_tokens: int = 64,
+              model: str | None = None) -> dict:  # the rounds' model (default: the served model); the soak uses the served model
     "Structured rounds (normal vs constrained) and a mixed soak; writes `stability.json` + plot."
-    rs = stability_rounds(server, tasks or default_tasks(), rounds, round_tokens)
+    rs = stability_rounds(server, tasks or default_tasks(), rounds, round_tokens, model=model)
     sk = soak(server, soak_requests, concurrency, max_tokens)
     res = {"requests": sk["requests"] + sum(r["n"] for r in rs), "server_errors": sk["server_errors"], "healthy_after": sk["healthy_after"],
            "constrained_parse_rate": min((r["parse_rate"] for r in rs if r["mode"] == "constrained"), default=None),
-           "rounds": rs, "soak": sk}
+           "rounds_model": model or server.served_name, "rounds": rs, "soak": sk}
     if out_dir is not None:
         out_dir = Path(out_dir); atomic_write(out_dir/"stability.json", res)
         plot_stability(res).savefig(out_dir/"stability.png", dpi=100, bbox_inches="tight")
@@ -411,8 +472,13 @@ def verify_all(server: VLLMServer, out_dir: str | Path, serve_cfg=None, tasks: S
     sm = smoke_checks(server, out_dir)
     par = parity_check(server, reference_fn, parity_prompts) if reference_fn else None
     if par: atomic_write(out_dir/"parity.json", par)
-    bn = benchmark(server, out_dir, concurrency=cfg.concurrency, requests=cfg.bench_requests, baseline=reference_fn)
-    st = stability(server, out_dir, tasks=tasks, rounds=cfg.stability_rounds, soak_requests=cfg.soak_requests, concurrency=cfg.soak_concurrency)
+    baselines = {"own generate": reference_fn} if reference_fn else {}
+    baselines["transformers"] = hf_generate_fn(server.model_dir)      # the same prompts, one at a time, greedy
+    bn = benchmark(server, out_dir, concurrency=cfg.concurrency, requests=cfg.bench_requests, baseline=baselines,
+                   vllm_bench={"concurrency": max(cfg.concurrency)})   # cross-check one level with `vllm bench serve`
+    tuned = next(iter(server.lora_modules), None)   # the structured rounds ask the fine-tuned adapter, when one is served
+    st = stability(server, out_dir, tasks=tasks, rounds=cfg.stability_rounds, soak_requests=cfg.soak_requests,
+                   concurrency=cfg.soak_concurrency, model=tuned)
     return {"smoke_passed": sm["passed"], "smoke_total": sm["total"], "parity_equal": par and par["all_equal"],
             "startup_s": server.startup_seconds, "tok_s": {l["concurrency"]: l["output_tok_s"] for l in bn["levels"]},
             "bench_errors": bn["errors"], "soak_requests": st["requests"], "server_errors": st["server_errors"],

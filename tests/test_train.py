@@ -209,10 +209,19 @@ def test_pretrain_stage_errors(smoke_run, tmp_path):
         pretrain_stage(bad, progress=False)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         pretrain_stage(Run(tmp_path/"empty", "smoke"), progress=False)
-    # checkpoints from another config are refused with a hint, not silently resumed or overwritten
-    other = Run(smoke_run.root, replace(smoke_run.preset, pretrain=replace(smoke_run.preset.pretrain, lr=1e-3)))
-    with pytest.raises(CheckpointMismatch, match="force=True"):
-        pretrain_stage(other, progress=False)
+
+
+def test_pretrain_stage_restarts_over_other_config(smoke_run, tmp_path, capsys):
+    "A stage made stale by a config change discards the old config's checkpoints and starts over (train() itself refuses them)."
+    dst = _copy_inputs(smoke_run, tmp_path/"other")
+    pretrain_stage(Run(dst, smoke_run.preset), progress=False)                    # checkpoints of the first configuration
+    assert list_checkpoints(dst/"pretrain"/"ckpt")
+    other = Run(dst, replace(smoke_run.preset, pretrain=replace(smoke_run.preset.pretrain, lr=1e-3)))
+    s = pretrain_stage(other, progress=False, log_every=1)
+    assert "starting over" in capsys.readouterr().out
+    log = read_log(other.pretrain/"log.jsonl")
+    assert [r for r in log if "loss" in r][0]["step"] == 1 and s["steps"] == other.preset.pretrain.max_steps  # not resumed at 40
+    assert all(json.loads((c/"meta.json").read_text())["config_hash"] == other.hash("pretrain") for c in list_checkpoints(other.pretrain/"ckpt"))
 
 
 def _copy_inputs(run, dst):

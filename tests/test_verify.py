@@ -6,8 +6,10 @@ import pytest
 
 from microlm.config import Run
 from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, make_tiny_hf_model, session_pids
-from microlm.verify import (SMOKE_SCHEMA, _cut, benchmark, default_tasks, hf_generate_fn, matches_schema, parity_check, parse_json,
-                            post_raw, random_prompts, smoke_checks, stability, verify_stage)
+from microlm.sft import SCHEMAS
+from microlm.verify import (SMOKE_SCHEMA, _cut, _worst_len, _bounded, benchmark, bounded_schema, default_tasks, hf_generate_fn,
+                            longest_answer, matches_schema, parity_check, parse_json, post_raw, random_prompts, smoke_checks, stability,
+                            stability_rounds, verify_stage)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,33 @@ def test_parse_json_and_cut():
     assert _cut([5, 6, 2, 7], {2, 0}) == [5, 6] and _cut([5, 6], {2}) == [5, 6]
     assert random_prompts(2, 5, 100, seed=1) == random_prompts(2, 5, 100, seed=1) != random_prompts(2, 5, 100, seed=2)
     assert all(4 <= t < 100 for p in random_prompts(3, 50, 100) for t in p)
+
+
+def test_bounded_schema_fits_every_budget():
+    "The longest answer a bounded schema allows fits the budget and is valid under the original schema too."
+    for kind, schema in SCHEMAS.items():
+        smallest = _worst_len(_bounded(schema, 0, 0))
+        assert bounded_schema(schema, smallest - 1) is None
+        for budget in range(smallest, 260, 7):
+            b = bounded_schema(schema, budget)
+            assert b is not None and "_chars" not in json.dumps(b) and b["additionalProperties"] is False, (kind, budget)
+            a = longest_answer(b)
+            assert len(json.dumps(a, separators=(",", ":"))) <= budget, (kind, budget, a)
+            assert matches_schema(a, b) and matches_schema(a, schema), (kind, budget, a)
+    b = bounded_schema(SCHEMAS["to_json"], 200)
+    assert matches_schema({"lines": [{"speaker": "KING", "text": "What news?"}]}, b)
+    assert not matches_schema({"lines": [{"speaker": "KING", "text": 'say "hi"'}]}, b)  # quotes would need escapes: refused
+
+
+def test_constrained_rounds_parse_with_tight_budgets(server):
+    "Free-text fields under a budget of a few dozen tokens: unbounded, a grammar-following model runs out of tokens mid-string."
+    t = {"messages": [{"role": "user", "content": "Convert to JSON: KING. What news?"}], "schema": SCHEMAS["to_json"],
+         "gold": {"lines": [{"speaker": "KING", "text": "What news?"}]}, "max_tokens": 30}
+    rounds = stability_rounds(server, [t] * 6, rounds=1, temperature=1.0)
+    con = [r for r in rounds if r["mode"] == "constrained"][0]
+    assert con["parse_rate"] == 1.0 and con["schema_rate"] == 1.0 and con["skipped"] == 0, rounds
+    too_small = dict(t, max_tokens=5)
+    with pytest.raises(ValueError, match="none of the 1 tasks"): stability_rounds(server, [too_small], rounds=1)
 
 
 def test_verify_stage_needs_export(tmp_path):

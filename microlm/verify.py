@@ -324,7 +324,9 @@ def _bounded(s: dict, items: int, chars: int) -> dict:
         s["properties"] = {k: _bounded(v, items, chars) for k, v in s.get("properties", {}).items()}
         s["required"], s["additionalProperties"] = list(s["properties"]), False
     elif t == "array": s["maxItems"] = min(s.get("maxItems", items), items); s["items"] = _bounded(s["items"], items, chars)
-    elif t == "string": s["pattern"], s["_chars"] = f"^{_SAFE_CHAR}{{0,{chars}}}$", chars  # xgrammar refuses pattern + maxLength
+    elif t == "string":                                    # xgrammar refuses a pattern with length bounds: the bound lives in the pattern
+        chars = min(chars, s.pop("maxLength", chars)); s.pop("minLength", None); s.pop("format", None)
+        s["pattern"], s["_chars"] = f"^{_SAFE_CHAR}{{0,{chars}}}$", chars
     elif t == "integer": s.setdefault("minimum", 0); s.setdefault("maximum", 999)
     return s
 

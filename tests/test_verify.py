@@ -54,6 +54,9 @@ def test_bounded_schema_fits_every_budget():
             a = longest_answer(b)
             assert len(json.dumps(a, separators=(",", ":"))) <= budget, (kind, budget, a)
             assert matches_schema(a, b) and matches_schema(a, schema), (kind, budget, a)
+    user = {"type": "object", "properties": {"name": {"type": "string", "minLength": 2, "maxLength": 5}}}
+    b = bounded_schema(user, 60)                          # a schema's own length bound is kept, inside the pattern
+    assert "maxLength" not in b["properties"]["name"] and longest_answer(b) == {"name": "WWWWW"}
     b = bounded_schema(SCHEMAS["to_json"], 200)
     assert matches_schema({"lines": [{"speaker": "KING", "text": "What news?"}]}, b)
     assert not matches_schema({"lines": [{"speaker": "KING", "text": 'say "hi"'}]}, b)  # quotes would need escapes: refused

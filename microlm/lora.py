@@ -5,7 +5,6 @@
 # %% ../nbs/07_lora.ipynb #110b6408
 from __future__ import annotations
 import copy, json, math, time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch

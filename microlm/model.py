@@ -17,8 +17,9 @@ from .config import ModelConfig, atomic_path, atomic_write
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'CONFIG', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope', 'MLP', 'Attention',
-           'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'MicroLM', 'KVCache',
-           'count_params', 'to_hf_config', 'save_model', 'read_model_config', 'check_state_dict', 'load_model']
+           'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'compute_dtype',
+           'linear_cross_entropy', 'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'save_model',
+           'read_model_config', 'check_state_dict', 'load_model']
 
 # %% ../nbs/04_model.ipynb #65958319
 class RMSNorm(nn.Module):
@@ -30,6 +31,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dt = x.dtype; x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if torch.is_autocast_enabled(x.device.type):  # only linear layers read this: cast once for all of them
+            return (self.weight * x.to(dt)).to(torch.get_autocast_dtype(x.device.type))
         return self.weight * x.to(dt)
 
     def extra_repr(self): return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -131,14 +134,70 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
 # %% ../nbs/04_model.ipynb #7c9e9cc4
 class ModelOutput(NamedTuple):
     "What `MicroLM.forward` returns."
-    logits: Tensor       # (B, T or logits_to_keep, vocab)
-    loss: Tensor | None  # mean cross-entropy over supervised tokens, when labels were given
+    logits: Tensor | None  # (B, T or logits_to_keep, vocab); None when `targets` asked for the loss alone
+    loss: Tensor | None    # mean cross-entropy over supervised tokens, when labels or targets were given
 
 def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     "Mean next-token cross-entropy; `labels` aligned with the inputs (shifted here), `ignore_index` skipped."
     tgt = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1)  # position t predicts labels[t+1]
     total = F.cross_entropy(logits.float().reshape(tgt.numel(), -1), tgt, ignore_index=ignore_index, reduction="sum")
     return total / (tgt != ignore_index).sum().clamp(min=1)           # 0, not NaN, when nothing is supervised
+
+# %% ../nbs/04_model.ipynb #a6ca64fa
+def compute_dtype(x: Tensor) -> torch.dtype:
+    "The dtype matmuls on `x` run in: autocast's where it is on for `x`'s device, else `x`'s own."
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+def _chunked_ce(x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool, grad_w: bool, chunk: int = 0):
+    "Summed loss, number of supervised rows, and (if asked) the gradients of the mean loss for x and w."
+    dt = compute_dtype(x); xs, ws = x.to(dt), w.to(dt)
+    N, V = x.shape[0], w.shape[0]
+    chunk = chunk or max(16, (2**20 if x.device.type == "cpu" else 2**24) // V)  # ~4 MB of fp32 logits per chunk on the CPU
+    valid = t != ignore_index; n = valid.sum().clamp(min=1)
+    acc = torch.promote_types(dt, torch.float32)                                 # fp32 (fp64 stays fp64)
+    total = torch.zeros((), dtype=acc, device=x.device)
+    gx = torch.empty_like(xs) if grad_x else None
+    G = torch.empty(N, V, dtype=dt, device=x.device) if grad_w else None
+    for i in range(0, N, chunk):
+        s = slice(i, i + chunk); tc, vc = t[s].clamp(min=0)[:, None], valid[s][:, None]
+        z = (xs[s] @ ws.t()).to(acc)                                            # (chunk, V) logits, fp32
+        lse = z.logsumexp(-1, keepdim=True)
+        total += ((lse - z.gather(1, tc)) * vc).sum()
+        if not (grad_x or grad_w): continue
+        g = z.sub_(lse).exp_().scatter_add_(1, tc, -vc.to(acc)).mul_(vc.to(acc) / n).to(dt)  # (softmax - onehot) / N, 0 where ignored
+        if grad_x: gx[s] = g @ ws
+        if grad_w: G[s] = g
+    return total, n, gx, (G.t() @ xs if grad_w else None)
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    "Loss and gradients in one chunked forward pass; backward scales them by the incoming gradient."
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, t: Tensor, ignore_index: int, chunk: int) -> Tensor:
+        total, n, gx, gw = _chunked_ce(x, w, t, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk)
+        ctx.save_for_backward(*(g for g in (gx, gw) if g is not None)); ctx.has = gx is not None, gw is not None
+        ctx.dtypes = x.dtype, w.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        saved, out = iter(ctx.saved_tensors), []
+        for has, dt in zip(ctx.has, ctx.dtypes):
+            g = next(saved) if has else None
+            out.append(None if g is None else (g.to(torch.promote_types(g.dtype, torch.float32)) * grad).to(dt))
+        gx, gw = out
+        return gx, gw, None, None, None
+
+def linear_cross_entropy(x: Tensor,        # (N, C) hidden states
+                         w: Tensor,        # (V, C) output-layer weight
+                         targets: Tensor,  # (N,) target ids; `ignore_index` = not supervised
+                         ignore_index: int = -100,
+                         chunk: int = 0,   # rows per chunk (0: about 4 MB of fp32 logits on the CPU, 64 MB on a GPU)
+                        ) -> Tensor:
+    "Mean cross-entropy of the logits `x @ w.T` against `targets`, computed chunk by chunk without materialising the logits."
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _LinearCrossEntropy.apply(x, w, targets, ignore_index, chunk)
+    total, n, _, _ = _chunked_ce(x, w, targets, ignore_index, False, False, chunk)
+    return total / n
 
 # %% ../nbs/04_model.ipynb #b41dbe0b
 class MicroLM(nn.Module):
@@ -157,6 +216,7 @@ class MicroLM(nn.Module):
 
     def forward(self, input_ids: Tensor, # (B, T) token ids
                 labels: Tensor | None = None, # (B, T) aligned with input_ids; -100 = not supervised
+                targets: Tensor | None = None, # (B, T) next-token targets, already shifted; -100 = not supervised: loss only, no logits
                 attention_mask: Tensor | None = None, # (B, past+T) or (B, T) with a cache; 1 = token, 0 = left padding
                 cache: KVCache | None = None, # updated in place
                 logits_to_keep: int = 0, # project only the last n positions (0: all)
@@ -177,7 +237,14 @@ class MicroLM(nn.Module):
         if cache is not None: cache.length += T
         x = self.model.norm(x)
         keep = 1 if last_only else logits_to_keep
-        if keep and labels is not None: raise ValueError("labels need logits for every position: drop logits_to_keep/last_only")
+        if keep and (labels is not None or targets is not None):
+            raise ValueError("labels and targets need every position: drop logits_to_keep/last_only")
+        if targets is not None:
+            if labels is not None: raise ValueError("give labels (shifted here) or targets (already shifted), not both")
+            if targets.shape != input_ids.shape: raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            if type(self.lm_head) is nn.Linear and x.device.type == "cpu":  # a plain output layer on the CPU: chunked, no logits
+                return ModelOutput(None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten()))
+            return ModelOutput(None, F.cross_entropy(self.lm_head(x).float().flatten(0, 1), targets.flatten(), ignore_index=-100))
         logits = self.lm_head(x[:, -keep:] if keep else x)              # (B, T or keep, V)
         return ModelOutput(logits, None if labels is None else lm_loss(logits, labels))
 

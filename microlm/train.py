@@ -80,7 +80,9 @@ def eval_windows(tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: i
 
 # %% ../nbs/05_train.ipynb #03bc9428
 def next_token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    "Mean next-token cross-entropy (fp32) of `model(x).logits` against targets `y` (-100 ignored)."
+    "Mean next-token cross-entropy (fp32) against targets `y` (-100 ignored): chunked, without logits, for a `MicroLM`; else from `model(x).logits`."
+    inner = getattr(model, "_orig_mod", model); inner = getattr(inner, "module", inner)   # under torch.compile and DDP
+    if isinstance(inner, MicroLM): return model(x, targets=y).loss
     logits = model(x).logits
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 

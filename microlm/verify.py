@@ -536,7 +536,7 @@ def verify_stage(run: Run, force: bool = False, model: str | None = None, lora_m
         with VLLMServer(run.hf/p["model"], served_name=p["model"], lora_modules=p["lora_modules"], kv_cache_gib=cfg.kv_cache_gib,
                         enforce_eager=cfg.enforce_eager, startup_timeout=cfg.startup_timeout, extra_args=COMPACT_JSON_ARGS,
                         log_path=out/"server.log", dtype="float32" if p["own"] else "auto") as server:
-            summary[p["model"]] = verify_all(server, out, cfg, tasks, ref)
+            summary[p["model"]] = verify_all(server, out, cfg if p["own"] else cfg.for_pretrained(), tasks, ref)
     summary = {"deployed": [p["model"] for p in plan], **summary}
     run.mark_done("verify", summary, round(time.time() - t0, 1))
     return summary

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from microlm.config import SMOKE, ModelConfig, atomic_write
-from microlm.model import (CONFIG, WEIGHTS, MicroLM, count_params, load_model, lm_loss, positions_and_mask, save_model,
-                           to_hf_config)
+from microlm.model import (CONFIG, WEIGHTS, MicroLM, count_params, linear_cross_entropy, load_model, lm_loss,
+                           positions_and_mask, save_model, to_hf_config)
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -261,3 +261,59 @@ def test_bf16_model_still_runs_rope_in_fp32():
     with torch.no_grad(): lo = m(ids).logits.float()
     c = m.new_cache(1, 8); assert c.k[0].dtype == torch.bfloat16
     assert (lo - ref).abs().max() < 0.1
+
+
+# --- the training fast paths: the chunked loss without logits, and norms that cast once under autocast ---
+
+@pytest.mark.parametrize("chunk", [0, 1, 33, 1000])
+def test_linear_cross_entropy_equals_cross_entropy_fp64(chunk):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(97, 24, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(61, 24, dtype=torch.float64, generator=g).requires_grad_()
+    t = torch.randint(0, 61, (97,), generator=g); t[::5] = -100
+    ref = F.cross_entropy(x @ w.t(), t, ignore_index=-100)
+    rx, rw = torch.autograd.grad(ref * 2.5, (x, w))
+    got = linear_cross_entropy(x, w, t, chunk=chunk)
+    gx, gw = torch.autograd.grad(got * 2.5, (x, w))
+    assert abs(got.item() - ref.item()) < 1e-12
+    assert (gx - rx).abs().max() < 1e-12 and (gw - rw).abs().max() < 1e-12
+    with torch.no_grad(): assert abs(linear_cross_entropy(x, w, t, chunk=chunk).item() - ref.item()) < 1e-12
+
+
+def test_linear_cross_entropy_frozen_weight_and_nothing_supervised():
+    x = torch.randn(10, 8, requires_grad=True); w = torch.randn(20, 8)       # w frozen, as under LoRA
+    t = torch.randint(0, 20, (10,))
+    gx, = torch.autograd.grad(linear_cross_entropy(x, w, t), x)
+    rx, = torch.autograd.grad(F.cross_entropy(x @ w.t(), t), x)
+    assert (gx - rx).abs().max() < 1e-6
+    none = linear_cross_entropy(x, w, torch.full_like(t, -100))
+    assert none.item() == 0.0 and torch.autograd.grad(none, x)[0].abs().max() == 0
+
+
+def test_targets_path_equals_labels_path_and_gradients():
+    m = make(CONFIGS["untied-gqa4-3layers"]).train()
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 12)); labels = ids.clone(); labels[:, :3] = -100
+    tgt = F.pad(labels[:, 1:], (0, 1), value=-100)
+    ref = m(ids, labels=labels).loss
+    ref_g = torch.autograd.grad(ref, list(m.parameters()))
+    out = m(ids, targets=tgt)
+    assert out.logits is None and abs(out.loss.item() - ref.item()) < 1e-5
+    for a, b in zip(torch.autograd.grad(out.loss, list(m.parameters())), ref_g): assert (a - b).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="not both"): m(ids, labels=labels, targets=tgt)
+    with pytest.raises(ValueError, match="targets shape"): m(ids, targets=tgt[:, :5])
+    with pytest.raises(ValueError, match="every position"): m(ids, targets=tgt, last_only=True)
+
+
+def test_bf16_autocast_training_loss_close_to_fp32():
+    "The cast-once norms and the chunked loss together under bf16 autocast, against fp32 without autocast."
+    m = make(CONFIGS["tied-gqa4-theta"]).train()
+    ids = torch.randint(0, m.cfg.vocab_size, (4, 32)); tgt = F.pad(ids[:, 1:], (0, 1), value=-100)
+    ref = m(ids, targets=tgt).loss; ref_g = torch.autograd.grad(ref, list(m.parameters()))
+    with torch.autocast("cpu", torch.bfloat16):
+        x = m.model.norm(torch.randn(2, 3, m.cfg.hidden_size))
+        assert x.dtype == torch.bfloat16                                        # norms hand bf16 to the linears
+        lo = m(ids, targets=tgt).loss
+    assert lo.dtype == torch.float32 and abs(lo.item() - ref.item()) < 0.02
+    cos = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+           for a, b in zip(torch.autograd.grad(lo, list(m.parameters())), ref_g)]
+    assert min(cos) > 0.99, cos

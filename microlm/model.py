@@ -216,11 +216,11 @@ class MicroLM(nn.Module):
 
     def forward(self, input_ids: Tensor, # (B, T) token ids
                 labels: Tensor | None = None, # (B, T) aligned with input_ids; -100 = not supervised
-                targets: Tensor | None = None, # (B, T) next-token targets, already shifted; -100 = not supervised: loss only, no logits
                 attention_mask: Tensor | None = None, # (B, past+T) or (B, T) with a cache; 1 = token, 0 = left padding
                 cache: KVCache | None = None, # updated in place
                 logits_to_keep: int = 0, # project only the last n positions (0: all)
                 last_only: bool = False, # same as logits_to_keep=1
+                targets: Tensor | None = None, # (B, T) next-token targets, already shifted; -100 = not supervised: loss only, no logits
                ) -> ModelOutput:
         if input_ids.dim() != 2: raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape

@@ -137,22 +137,40 @@ class ServeConfig:
     kv_cache_gib: int = 1
     enforce_eager: bool = True
     startup_timeout: int = 300
-    concurrency: tuple = (1, 4, 16)
-    bench_requests: int = 32     # requests per concurrency level
+    concurrency: tuple = (1, 4, 16, 32)
+    bench_requests: int = 32     # requests per concurrency level and shape
+    bench_shapes: tuple = ((32, 16), (32, 128), (128, 64))  # (prompt, output) tokens: prefill-heavy, decode-heavy, both
     soak_requests: int = 500
     soak_concurrency: int = 16
     stability_rounds: int = 3
     # the merged SmolLM2 deployed beside the own model (`small`): smoke, benchmark, constrained rounds and a soak, lighter
     pretrained_bench_requests: int = 16
+    pretrained_bench_shapes: tuple = ((32, 16),)
+    pretrained_concurrency: tuple = (1, 4, 16)
     pretrained_rounds: int = 1
     pretrained_soak_requests: int = 100
 
+    def __post_init__(self):
+        pos = lambda x: isinstance(x, int) and x > 0
+        for name in ("concurrency", "pretrained_concurrency"):
+            c = getattr(self, name)
+            if not (c and all(map(pos, c))): raise ValueError(f"ServeConfig: {name} must be positive integers, got {c!r}")
+        for name in ("bench_shapes", "pretrained_bench_shapes"):
+            shapes = getattr(self, name)
+            if not (shapes and all(len(s) == 2 and all(map(pos, s)) for s in shapes)):
+                raise ValueError(f"ServeConfig: {name} must be (prompt tokens, output tokens) pairs of positive integers, got {shapes!r}")
+
     def for_pretrained(self) -> "ServeConfig":
         "The checks for the second deployment, the merged SmolLM2: the same kinds, fewer requests."
-        return replace(self, bench_requests=self.pretrained_bench_requests, stability_rounds=self.pretrained_rounds,
+        return replace(self, bench_requests=self.pretrained_bench_requests, bench_shapes=self.pretrained_bench_shapes,
+                       concurrency=self.pretrained_concurrency, stability_rounds=self.pretrained_rounds,
                        soak_requests=self.pretrained_soak_requests)
 
 # %% ../nbs/00_config.ipynb #e1eaede1
+def _tuples(x):
+    "JSON lists back to the tuples a preset holds, nested ones too."
+    return tuple(map(_tuples, x)) if isinstance(x, (list, tuple)) else x
+
 @dataclass(frozen=True)
 class Preset:
     "Everything a run needs, one section per stage."
@@ -186,7 +204,7 @@ class Preset:
                 known = {g.name for g in fields(type(sub))}
                 bad = set(v) - known
                 if bad: raise ValueError(f"config: unknown field(s) {sorted(bad)} in section '{f.name}'; known: {sorted(known)}")
-                v = type(sub)(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
+                v = type(sub)(**{k: _tuples(x) for k, x in v.items()})
             kw[f.name] = v
         bad = set(d) - {f.name for f in fields(cls)}
         if bad: raise ValueError(f"config: unknown section(s) {sorted(bad)}")
@@ -207,7 +225,7 @@ SMOKE = Preset(
                            eval_every=10, eval_batches=2, ckpt_every=10),
     pretrained=PretrainedConfig(max_steps=2, batch_size=2, seq_len=256, eval_every=2),
     eval=EvalConfig(max_new_tokens=48, lm_batches=4),
-    serve=ServeConfig(bench_requests=8, soak_requests=500, stability_rounds=2),
+    serve=ServeConfig(concurrency=(1, 4, 16), bench_requests=8, bench_shapes=((32, 16),), soak_requests=500, stability_rounds=2),
 )
 BASE = Preset(
     name="base",

@@ -173,7 +173,7 @@ class VLLMServer:
         self.model_dir = Path(model_dir).absolute()
         if not (self.model_dir/"config.json").exists(): raise FileNotFoundError(f"{self.model_dir/'config.json'} not found: not a Hugging Face model folder")
         self.served_name = served_name or self.model_dir.name
-        self.host, self.port, self.api_key = host, port or free_port(), api_key
+        self.host, self.port, self.api_key, self.max_model_len = host, port or free_port(), api_key, max_model_len
         self.lora_modules = {k: Path(v).absolute() for k, v in (lora_modules or {}).items()}
         self.cmd = server_command(self.model_dir, served_name=self.served_name, host=host, port=self.port, api_key=api_key,
                                   lora_modules=self.lora_modules, dtype=dtype, max_model_len=max_model_len,

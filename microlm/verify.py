@@ -16,7 +16,7 @@ from .serve import VLLMServer, make_tiny_hf_model, COMPACT_JSON_ARGS
 
 # %% auto #0
 __all__ = ['SMOKE_SCHEMA', 'SOAK_KINDS', 'run_async', 'post_raw', 'matches_schema', 'smoke_checks', 'hf_generate_fn',
-           'parity_check', 'random_prompts', 'vllm_bench_serve', 'benchmark', 'plot_bench', 'default_tasks',
+           'parity_check', 'random_prompts', 'vllm_bench_serve', 'benchmark', 'scaling', 'plot_bench', 'default_tasks',
            'bounded_schema', 'longest_answer', 'parse_json', 'stability_rounds', 'soak', 'plot_stability', 'stability',
            'verify_all', 'deployment_plan', 'own_reference', 'held_out_tasks', 'verify_stage']
 
@@ -245,9 +245,13 @@ def benchmark(server: VLLMServer, out_dir: str | Path | None = None,
               baseline_requests: int = 4,                        # sequential baseline requests per shape
               vllm_bench: dict | None = None,                   # kwargs for `vllm_bench_serve`, or None to skip
               model: str | None = None, seed: int = 0) -> dict:
-    "Streamed latency/throughput per concurrency level and shape, plus the baseline; writes `bench.json` + plots."
+    "Streamed latency/throughput per concurrency level and shape, plus the baselines; writes `bench.json` + plots."
     model = model or server.served_name
-    vocab = json.loads((server.model_dir/"config.json").read_text())["vocab_size"]
+    hf_cfg = json.loads((server.model_dir/"config.json").read_text())
+    vocab, ctx = hf_cfg["vocab_size"], server.max_model_len or hf_cfg.get("max_position_embeddings")
+    for plen, olen in shapes:
+        if ctx is not None and plen + olen > ctx:
+            raise ValueError(f"benchmark shape ({plen}, {olen}): {plen} prompt + {olen} output tokens do not fit the served context of {ctx}")
     levels, base = [], []
     for s, (plen, olen) in enumerate(shapes):
         for c in concurrency:
@@ -255,34 +259,55 @@ def benchmark(server: VLLMServer, out_dir: str | Path | None = None,
             levels.append({"prompt_len": plen, "output_len": olen, **run_async(_level(server, model, prompts, olen, c))})
         fns = baseline if isinstance(baseline, dict) else {baseline_name: baseline} if baseline is not None else {}
         for name, fn in fns.items():
+            fn(random_prompts(1, plen, vocab, seed=seed - 1)[0], olen)   # untimed: the first call pays for allocation and lazy set-up
             times, toks = [], 0
             for p in random_prompts(baseline_requests, plen, vocab, seed=seed + 1000 * s + 1):
                 t0 = time.perf_counter(); toks += len(fn(p, olen)); times.append(time.perf_counter() - t0)
             base.append({"name": name, "prompt_len": plen, "output_len": olen, "requests": len(times), "concurrency": 1,
                          "output_tok_s": round(toks / sum(times), 1), "latency_p50": _pct(times, 50), "latency_p95": _pct(times, 95)})
     res = {"model": model, "levels": levels, "baseline": base, "errors": sum(l["errors"] for l in levels),
-           "vllm_bench": vllm_bench_serve(server, **vllm_bench) if vllm_bench is not None else None}
+           "scaling": scaling(levels), "vllm_bench": vllm_bench_serve(server, **vllm_bench) if vllm_bench is not None else None}
     if out_dir is not None:
         out_dir = Path(out_dir); atomic_write(out_dir/"bench.json", res)
         plot_bench(res).savefig(out_dir/"bench.png", dpi=100, bbox_inches="tight")
     return res
 
+def scaling(levels: list[dict]) -> dict:
+    "Per shape 'P→O': output tok/s at each concurrency divided by tok/s at concurrency 1 (`{'c4/c1': …, 'c16/c1': …}`)."
+    out = {}
+    for l in levels:
+        one = next((m for m in levels if (m["prompt_len"], m["output_len"], m["concurrency"]) == (l["prompt_len"], l["output_len"], 1)), None)
+        if one and l["concurrency"] > 1 and one["output_tok_s"]:
+            out.setdefault(f"{l['prompt_len']}→{l['output_len']}", {})[f"c{l['concurrency']}/c1"] = round(l["output_tok_s"] / one["output_tok_s"], 2)
+    return out
+
 def plot_bench(res: dict):
-    "Throughput and latency against concurrency (one line per shape), and the TTFT distribution."
+    "Throughput and latency against concurrency (one line per shape), and the TTFT distribution of every level."
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for (plen, olen) in dict.fromkeys((l["prompt_len"], l["output_len"]) for l in res["levels"]):
-        ls = [l for l in res["levels"] if (l["prompt_len"], l["output_len"]) == (plen, olen)]
-        c = [l["concurrency"] for l in ls]
-        ax[0].plot(c, [l["output_tok_s"] for l in ls], "o-", label=f"vLLM {plen}→{olen}")
-        ax[1].plot(c, [l["latency_p50"] for l in ls], "o-", label=f"p50 {plen}→{olen}")
-        ax[1].plot(c, [l["latency_p95"] for l in ls], "x--", label=f"p95 {plen}→{olen}")
-    for b in res["baseline"]: ax[0].axhline(b["output_tok_s"], ls=":", color="gray", label=f"{b['name']} {b['prompt_len']}→{b['output_len']} (seq.)")
-    for l in res["levels"]: ax[2].hist(np.array(l["ttft_all"]) * 1000, bins=20, alpha=0.5, label=f"c={l['concurrency']} {l['prompt_len']}→{l['output_len']}")
-    for a, t, y in zip(ax, ("output throughput", "request latency", "time to first token"), ("tokens/s", "seconds", "requests")):
-        a.set_title(t); a.set_ylabel(y); a.legend(fontsize=7)
-    for a in ax[:2]: a.set_xscale("log", base=2); a.set_xlabel("concurrency")
-    ax[2].set_xlabel("TTFT (ms)")
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    shapes = list(dict.fromkeys((l["prompt_len"], l["output_len"]) for l in res["levels"]))
+    color = {s: f"C{i}" for i, s in enumerate(shapes)}                 # one colour per shape in all three panels
+    styles = dict(zip(dict.fromkeys(b["name"] for b in res["baseline"]), (":", "-.", (0, (1, 3)))))
+    for s in shapes:
+        ls = [l for l in res["levels"] if (l["prompt_len"], l["output_len"]) == s]
+        c, k = [l["concurrency"] for l in ls], f"{s[0]}→{s[1]}"
+        ax[0].plot(c, [l["output_tok_s"] for l in ls], "o-", color=color[s], label=f"vLLM {k}")
+        ax[1].plot(c, [l["latency_p50"] for l in ls], "o-", color=color[s], label=f"p50 {k}")
+        ax[1].plot(c, [l["latency_p95"] for l in ls], "x--", color=color[s], label=f"p95 {k}")
+    for b in res["baseline"]:
+        s = (b["prompt_len"], b["output_len"])
+        ax[0].axhline(b["output_tok_s"], ls=styles[b["name"]], color=color.get(s, "gray"), lw=1, label=f"{b['name']} {s[0]}→{s[1]}, one at a time")
+    ls = [l for l in res["levels"] if l["ttft_all"]]
+    box = ax[2].boxplot([np.array(l["ttft_all"]) * 1000 for l in ls], whis=(5, 95), showfliers=False, patch_artist=True)
+    for patch, l in zip(box["boxes"], ls): patch.set(facecolor=color[(l["prompt_len"], l["output_len"])], alpha=0.4)
+    ax[2].set_xticks(range(1, len(ls) + 1), [f"c{l['concurrency']}" for l in ls], fontsize=8)
+    ax[2].set_xlabel("concurrency (colour: shape, as on the left)")
+    for a, t, y in zip(ax, ("output throughput", "request latency", "time to first token (box: quartiles, whiskers: p5–p95)"),
+                       ("tokens/s", "seconds", "ms")):
+        a.set_title(t, fontsize=10); a.set_ylabel(y)
+    for a in ax[:2]: a.set_xscale("log", base=2); a.set_xlabel("concurrency"); a.set_xticks(c_all := sorted({l["concurrency"] for l in res["levels"]}), c_all)
+    ax[0].legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.15)); ax[1].legend(fontsize=7)
+    ax[2].set_yscale("log")
     plt.close(fig)
     return fig
 
@@ -476,13 +501,18 @@ def verify_all(server: VLLMServer, out_dir: str | Path, serve_cfg=None, tasks: S
     if par: atomic_write(out_dir/"parity.json", par)
     baselines = {"own generate": reference_fn} if reference_fn else {}
     baselines["transformers"] = hf_generate_fn(server.model_dir)      # the same prompts, one at a time, greedy
-    bn = benchmark(server, out_dir, concurrency=cfg.concurrency, requests=cfg.bench_requests, baseline=baselines,
-                   vllm_bench={"concurrency": max(cfg.concurrency)})   # cross-check one level with `vllm bench serve`
+    (plen, olen), cx = cfg.bench_shapes[0], 16 if 16 in cfg.concurrency else max(cfg.concurrency)
+    bn = benchmark(server, out_dir, concurrency=cfg.concurrency, shapes=cfg.bench_shapes, requests=cfg.bench_requests, baseline=baselines,
+                   vllm_bench={"concurrency": cx, "input_len": plen, "output_len": olen, "num_prompts": max(cfg.bench_requests, cx)})
     tuned = next(iter(server.lora_modules), None)   # the structured rounds ask the fine-tuned adapter, when one is served
     st = stability(server, out_dir, tasks=tasks, rounds=cfg.stability_rounds, soak_requests=cfg.soak_requests,
                    concurrency=cfg.soak_concurrency, model=tuned)
     return {"smoke_passed": sm["passed"], "smoke_total": sm["total"], "parity_equal": par and par["all_equal"],
-            "startup_s": server.startup_seconds, "tok_s": {l["concurrency"]: l["output_tok_s"] for l in bn["levels"]},
+            "startup_s": server.startup_seconds, "concurrency": list(cfg.concurrency),
+            "tok_s": {f"{p}→{o}": [l["output_tok_s"] for l in bn["levels"] if (l["prompt_len"], l["output_len"]) == (p, o)] for p, o in cfg.bench_shapes},
+            f"c{cx}/c1": {k: v.get(f"c{cx}/c1") for k, v in bn["scaling"].items()},
+            "baseline_tok_s": {f"{p}→{o}": {b["name"]: b["output_tok_s"] for b in bn["baseline"] if (b["prompt_len"], b["output_len"]) == (p, o)}
+                               for p, o in cfg.bench_shapes},
             "bench_errors": bn["errors"], "soak_requests": st["requests"], "server_errors": st["server_errors"],
             "constrained_parse_rate": st["constrained_parse_rate"]}
 

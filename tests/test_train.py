@@ -122,6 +122,19 @@ def test_log_and_plot(trained):
     assert [p.name for p in list_checkpoints(out/"ckpt")] == ["step_000004", "step_000008", "step_000012"]
 
 
+def test_compiled_training_matches_eager(trained, tmp_path):
+    "cfg.compile=True (`--compile`): the torch.compile'd loop gives the eager run's losses and weights, saved under the plain names."
+    tiny_train(tmp_path/"c", replace(CFG, compile=True), log_every=1)
+    le, lc = read_log(trained[0]/"log.jsonl"), read_log(tmp_path/"c"/"log.jsonl")
+    assert [r["step"] for r in le] == [r["step"] for r in lc]
+    for a, b in zip(le, lc):
+        for k in ("loss", "val_loss"):
+            if k in a: assert b[k] == pytest.approx(a[k], abs=2e-3), (a, b)
+    (ck_e, e), (ck_c, c) = _final_weights(trained[0]), _final_weights(tmp_path/"c")
+    assert ck_e.name == ck_c.name and e.keys() == c.keys()   # no `_orig_mod.` prefixes
+    assert max((e[k] - c[k]).abs().max().item() for k in e) < 1e-3
+
+
 def test_corrupt_latest_falls_back(trained, tmp_path):
     out = tmp_path/"run"; shutil.copytree(trained[0], out)
     wf = out/"ckpt"/"step_000012"/"model.safetensors"; wf.write_bytes(wf.read_bytes()[:100])          # truncated weights

@@ -115,7 +115,9 @@ def test_benchmark(server, tiny, tmp_path):
     assert res["errors"] == 0 and [l["concurrency"] for l in res["levels"]] == [1, 4]
     for l in res["levels"]:
         assert l["output_tokens"] == 4 * 4 and l["output_tok_s"] > 0 and 0 < l["ttft_p50"] <= l["latency_p95"]
-    assert calls == [8, 8] and res["baseline"][0]["output_tok_s"] > 0
+    assert calls == [8, 8, 8] and res["baseline"][0]["requests"] == 2   # one untimed warm-up call, then the two timed ones
+    assert res["baseline"][0]["output_tok_s"] > 0
+    assert res["scaling"] == {"8→4": {"c4/c1": round(res["levels"][1]["output_tok_s"] / res["levels"][0]["output_tok_s"], 2)}}
     assert json.loads((tmp_path/"bench.json").read_text())["levels"][0]["requests"] == 4 and (tmp_path/"bench.png").exists()
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from microlm.config import SMOKE, DataConfig, ModelConfig, Run, TrainConfig, stable_hash
 from microlm.model import MicroLM, load_model
 from microlm.train import (CheckpointError, CheckpointMismatch, TokenWindows, eval_windows, latest_checkpoint, list_checkpoints,
-                           lr_at, make_optimizer, param_groups, pretrain_stage, read_checkpoint, read_log, train)
+                           Optimizers, lr_at, make_optimizer, muon_split, param_groups, pretrain_stage, read_checkpoint, read_log, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -38,6 +38,7 @@ def tiny_train(out, cfg, model_cfg=TINY, **kw):
 
 CFG = TrainConfig(batch_size=4, seq_len=32, max_steps=12, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=6, eval_batches=2,
                   ckpt_every=4, keep_ckpts=3, dtype="fp32")
+MUON = replace(CFG, optimizer="muon")
 
 
 def test_schedule_shape():
@@ -64,15 +65,40 @@ def test_weight_decay_groups():
     assert opt.defaults.get("fused") or opt.defaults.get("foreach")
 
 
+def test_muon_takes_hidden_matrices_only():
+    m = MicroLM(TINY)
+    m.model.layers[0].mlp.up_proj.weight.requires_grad_(False)                     # a frozen matrix is left out
+    hidden, rest = muon_split(m)
+    assert len(hidden) == 7 * TINY.num_hidden_layers - 1 and all(p.ndim == 2 for p in hidden)
+    assert any(p is m.model.embed_tokens.weight for p in rest)                     # embedding = tied head: AdamW
+    assert sum(p.ndim == 1 for p in rest) == 2 * TINY.num_hidden_layers + 1       # the norm gains: AdamW
+    assert not any(p is m.model.layers[0].mlp.up_proj.weight for p in hidden + rest)
+    untied = MicroLM(replace(TINY, tie_word_embeddings=False))
+    assert any(p is untied.lm_head.weight for p in muon_split(untied)[1])          # an untied head stays with AdamW too
+    opt = make_optimizer(m, MUON)
+    assert isinstance(opt, Optimizers) and [type(o) for o in opt.opts] == [torch.optim.Muon, torch.optim.AdamW]
+    assert len(opt.param_groups) == 3 and all(g["lr"] == MUON.lr for g in opt.param_groups)
+    adamw_state = make_optimizer(MicroLM(TINY), CFG).state_dict()
+    with pytest.raises(ValueError, match="Muon"): opt.load_state_dict(adamw_state)  # a clear error, not a KeyError
+    with pytest.raises(ValueError, match="optimizer"): TrainConfig(optimizer="adam")
+
+
+def test_muon_learns(trained, trained_muon):
+    "Same start, data and schedule as the AdamW run: Muon's validation loss falls (which is better at scale: 05_train)."
+    va = [r["val_loss"] for r in read_log(trained[0]/"log.jsonl") if "val_loss" in r]
+    vm = [r["val_loss"] for r in read_log(trained_muon[0]/"log.jsonl") if "val_loss" in r]
+    assert vm[0] == va[0] and vm[-1] < vm[0] - 0.4 and vm != va, (va, vm)
+
+
 RESUME_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_train import CFG, tiny_train
+    from test_train import CFG, MUON, tiny_train
     from safetensors.torch import save_file
-    out, kill_at = sys.argv[1], int(sys.argv[2])
+    out, kill_at, cfg = sys.argv[1], int(sys.argv[2]), {{"adamw": CFG, "muon": MUON}}[sys.argv[3]]
     def on_step(step, rec):
         if step == kill_at: os.kill(os.getpid(), signal.SIGKILL)     # a real, uncatchable kill mid-run
-    s = tiny_train(out, CFG, on_step=on_step, log_every=1)
+    s = tiny_train(out, cfg, on_step=on_step, log_every=1)
     print("done", s["steps"])
 """)
 
@@ -82,10 +108,13 @@ def _final_weights(out):
     return ck, load_file(str(ck/"model.safetensors"))
 
 
-def test_exact_resume_after_sigkill(trained, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_exact_resume_after_sigkill(optimizer, request, tmp_path):
     "Kill a run with SIGKILL after its step-4 checkpoint; the resumed run ends bit-identical to the uninterrupted one."
+    trained = request.getfixturevalue({"adamw": "trained", "muon": "trained_muon"}[optimizer])
     script = tmp_path/"run.py"; script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent)))
-    run = lambda out, kill: subprocess.run([sys.executable, str(script), str(out), str(kill)], env=ENV, capture_output=True, text=True)
+    run = lambda out, kill: subprocess.run([sys.executable, str(script), str(out), str(kill), optimizer], env=ENV,
+                                           capture_output=True, text=True)
     killed = run(tmp_path/"kill", 7)                              # after the step-4 checkpoint, before step 8's
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
     assert [p.name for p in list_checkpoints(tmp_path/"kill"/"ckpt")] == ["step_000004"]
@@ -104,6 +133,12 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("ck")/"run"
     s = tiny_train(out, CFG, log_every=1)
     return out, s
+
+
+@pytest.fixture(scope="module")
+def trained_muon(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckm")/"run"
+    return out, tiny_train(out, MUON, log_every=1)
 
 
 def _meta(cfg=CFG, model_cfg=TINY): return {"config_hash": stable_hash(asdict(cfg)), "model_config": asdict(model_cfg)}

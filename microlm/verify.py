@@ -16,9 +16,10 @@ from .serve import VLLMServer, make_tiny_hf_model, COMPACT_JSON_ARGS
 
 # %% auto #0
 __all__ = ['SMOKE_SCHEMA', 'SOAK_KINDS', 'run_async', 'post_raw', 'matches_schema', 'smoke_checks', 'hf_generate_fn',
-           'parity_check', 'random_prompts', 'vllm_bench_serve', 'benchmark', 'scaling', 'plot_bench', 'default_tasks',
-           'bounded_schema', 'longest_answer', 'parse_json', 'stability_rounds', 'soak', 'plot_stability', 'stability',
-           'verify_all', 'deployment_plan', 'own_reference', 'held_out_tasks', 'verify_stage']
+           'parity_check', 'random_prompts', 'vllm_bench_serve', 'benchmark', 'shape_key', 'by_shape', 'scaling',
+           'plot_bench', 'default_tasks', 'bounded_schema', 'longest_answer', 'parse_json', 'stability_rounds', 'soak',
+           'plot_stability', 'stability', 'verify_all', 'deployment_plan', 'own_reference', 'held_out_tasks',
+           'verify_stage']
 
 # %% ../nbs/13_verify.ipynb #566cc3ec
 def run_async(coro):
@@ -272,34 +273,43 @@ def benchmark(server: VLLMServer, out_dir: str | Path | None = None,
         plot_bench(res).savefig(out_dir/"bench.png", dpi=100, bbox_inches="tight")
     return res
 
+def shape_key(prompt_len: int, output_len: int) -> str:
+    "The name of a benchmark shape in results and plots: 'P→O'."
+    return f"{prompt_len}→{output_len}"
+
+def by_shape(rows: list[dict]) -> dict[str, list[dict]]:
+    "Benchmark levels or baseline rows grouped by `shape_key`, shapes in first-seen order."
+    out = {}
+    for r in rows: out.setdefault(shape_key(r["prompt_len"], r["output_len"]), []).append(r)
+    return out
+
 def scaling(levels: list[dict]) -> dict:
     "Per shape 'P→O': output tok/s at each concurrency divided by tok/s at concurrency 1 (`{'c4/c1': …, 'c16/c1': …}`)."
     out = {}
-    for l in levels:
-        one = next((m for m in levels if (m["prompt_len"], m["output_len"], m["concurrency"]) == (l["prompt_len"], l["output_len"], 1)), None)
-        if one and l["concurrency"] > 1 and one["output_tok_s"]:
-            out.setdefault(f"{l['prompt_len']}→{l['output_len']}", {})[f"c{l['concurrency']}/c1"] = round(l["output_tok_s"] / one["output_tok_s"], 2)
+    for k, ls in by_shape(levels).items():
+        one = next((l for l in ls if l["concurrency"] == 1), None)
+        ratios = {f"c{l['concurrency']}/c1": round(l["output_tok_s"] / one["output_tok_s"], 2)
+                  for l in ls if one and one["output_tok_s"] and l["concurrency"] > 1}
+        if ratios: out[k] = ratios
     return out
 
 def plot_bench(res: dict):
     "Throughput and latency against concurrency (one line per shape), and the TTFT distribution of every level."
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
-    shapes = list(dict.fromkeys((l["prompt_len"], l["output_len"]) for l in res["levels"]))
-    color = {s: f"C{i}" for i, s in enumerate(shapes)}                 # one colour per shape in all three panels
+    groups = by_shape(res["levels"])
+    color = {k: f"C{i}" for i, k in enumerate(groups)}                 # one colour per shape in all three panels
     styles = dict(zip(dict.fromkeys(b["name"] for b in res["baseline"]), (":", "-.", (0, (1, 3)))))
-    for s in shapes:
-        ls = [l for l in res["levels"] if (l["prompt_len"], l["output_len"]) == s]
-        c, k = [l["concurrency"] for l in ls], f"{s[0]}→{s[1]}"
-        ax[0].plot(c, [l["output_tok_s"] for l in ls], "o-", color=color[s], label=f"vLLM {k}")
-        ax[1].plot(c, [l["latency_p50"] for l in ls], "o-", color=color[s], label=f"p50 {k}")
-        ax[1].plot(c, [l["latency_p95"] for l in ls], "x--", color=color[s], label=f"p95 {k}")
-    for b in res["baseline"]:
-        s = (b["prompt_len"], b["output_len"])
-        ax[0].axhline(b["output_tok_s"], ls=styles[b["name"]], color=color.get(s, "gray"), lw=1, label=f"{b['name']} {s[0]}→{s[1]}, one at a time")
+    for k, ls in groups.items():
+        c = [l["concurrency"] for l in ls]
+        ax[0].plot(c, [l["output_tok_s"] for l in ls], "o-", color=color[k], label=f"vLLM {k}")
+        ax[1].plot(c, [l["latency_p50"] for l in ls], "o-", color=color[k], label=f"p50 {k}")
+        ax[1].plot(c, [l["latency_p95"] for l in ls], "x--", color=color[k], label=f"p95 {k}")
+    for k, bs in by_shape(res["baseline"]).items():
+        for b in bs: ax[0].axhline(b["output_tok_s"], ls=styles[b["name"]], color=color.get(k, "gray"), lw=1, label=f"{b['name']} {k}, one at a time")
     ls = [l for l in res["levels"] if l["ttft_all"]]
     box = ax[2].boxplot([np.array(l["ttft_all"]) * 1000 for l in ls], whis=(5, 95), showfliers=False, patch_artist=True)
-    for patch, l in zip(box["boxes"], ls): patch.set(facecolor=color[(l["prompt_len"], l["output_len"])], alpha=0.4)
+    for patch, l in zip(box["boxes"], ls): patch.set(facecolor=color[shape_key(l["prompt_len"], l["output_len"])], alpha=0.4)
     ax[2].set_xticks(range(1, len(ls) + 1), [f"c{l['concurrency']}" for l in ls], fontsize=8)
     ax[2].set_xlabel("concurrency (colour: shape, as on the left)")
     for a, t, y in zip(ax, ("output throughput", "request latency", "time to first token (box: quartiles, whiskers: p5–p95)"),
@@ -504,15 +514,15 @@ def verify_all(server: VLLMServer, out_dir: str | Path, serve_cfg=None, tasks: S
     (plen, olen), cx = cfg.bench_shapes[0], 16 if 16 in cfg.concurrency else max(cfg.concurrency)
     bn = benchmark(server, out_dir, concurrency=cfg.concurrency, shapes=cfg.bench_shapes, requests=cfg.bench_requests, baseline=baselines,
                    vllm_bench={"concurrency": cx, "input_len": plen, "output_len": olen, "num_prompts": max(cfg.bench_requests, cx)})
+    keys, levels, baseline = [shape_key(p, o) for p, o in cfg.bench_shapes], by_shape(bn["levels"]), by_shape(bn["baseline"])
     tuned = next(iter(server.lora_modules), None)   # the structured rounds ask the fine-tuned adapter, when one is served
     st = stability(server, out_dir, tasks=tasks, rounds=cfg.stability_rounds, soak_requests=cfg.soak_requests,
                    concurrency=cfg.soak_concurrency, model=tuned)
     return {"smoke_passed": sm["passed"], "smoke_total": sm["total"], "parity_equal": par and par["all_equal"],
             "startup_s": server.startup_seconds, "concurrency": list(cfg.concurrency),
-            "tok_s": {f"{p}→{o}": [l["output_tok_s"] for l in bn["levels"] if (l["prompt_len"], l["output_len"]) == (p, o)] for p, o in cfg.bench_shapes},
+            "tok_s": {k: [l["output_tok_s"] for l in levels.get(k, [])] for k in keys},
             f"c{cx}/c1": {k: v.get(f"c{cx}/c1") for k, v in bn["scaling"].items()},
-            "baseline_tok_s": {f"{p}→{o}": {b["name"]: b["output_tok_s"] for b in bn["baseline"] if (b["prompt_len"], b["output_len"]) == (p, o)}
-                               for p, o in cfg.bench_shapes},
+            "baseline_tok_s": {k: {b["name"]: b["output_tok_s"] for b in baseline.get(k, [])} for k in keys},
             "bench_errors": bn["errors"], "soak_requests": st["requests"], "server_errors": st["server_errors"],
             "constrained_parse_rate": st["constrained_parse_rate"]}
 

@@ -16,12 +16,43 @@ from torch import nn, Tensor
 from .config import ModelConfig, atomic_path, atomic_write
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'CONFIG', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope', 'MLP', 'Attention',
-           'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'compute_dtype',
+__all__ = ['WEIGHTS', 'CONFIG', 'rms_norm', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope', 'MLP',
+           'Attention', 'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'compute_dtype',
            'linear_cross_entropy', 'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'save_model',
            'read_model_config', 'check_state_dict', 'load_model']
 
 # %% ../nbs/04_model.ipynb #65958319
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    "RMSNorm as `transformers` orders it (statistics in fp32, cast back, then the gain): (output, normalised x in fp32, 1/rms)."
+    dt = x.dtype; xf = x.to(torch.promote_types(dt, torch.float32))  # fp32 (fp64 stays fp64)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    xn = xf * r
+    y = weight * xn.to(dt)
+    return (y if out_dtype is None else y.to(out_dtype)), xn, r
+
+class _RMSNormFunction(torch.autograd.Function):
+    "`rms_norm` with its backward written out: the same gradients in fewer passes over the activations than autograd's."
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y, xn, r = rms_norm(x, weight, eps, out_dtype)
+        ctx.save_for_backward(xn, r, weight); ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        xn, r, w = ctx.saved_tensors
+        ct = xn.dtype                                                   # fp32 (fp64 stays fp64)
+        with torch.autocast(dy.device.type, enabled=False):
+            dy = dy.to(ct)                                              # a bf16 gradient is cast once, not once per product
+            t = dy * xn                                                 # each position's share of dL/dweight
+            dw = t.sum(tuple(range(t.dim() - 1))).to(w.dtype) if ctx.needs_input_grad[1] else None
+            dx = None
+            if ctx.needs_input_grad[0]:                                 # r * (g - xn * mean(g * xn)), g = dy * weight
+                m = (t @ w.to(ct)).unsqueeze_(-1).div_(xn.shape[-1])
+                dx = (dy * w.to(ct)).addcmul_(xn, m, value=-1).mul_(r).to(ctx.x_dtype)
+        return dx, dw, None, None
+
 class RMSNorm(nn.Module):
     "Root-mean-square normalisation with a learned scale, computed in fp32."
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -29,11 +60,11 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dt = x.dtype; x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if torch.is_autocast_enabled(x.device.type):  # only linear layers read this: cast once for all of them
-            return (self.weight * x.to(dt)).to(torch.get_autocast_dtype(x.device.type))
-        return self.weight * x.to(dt)
+        ac = torch.is_autocast_enabled(x.device.type)                   # only linear layers read this: cast once for all of them
+        out = torch.get_autocast_dtype(x.device.type) if ac else None
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(x, self.weight, self.eps, out)
+        return rms_norm(x, self.weight, self.eps, out)[0]
 
     def extra_repr(self): return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
@@ -53,8 +84,33 @@ def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
+def _swap_halves(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, x1), dim=-1)
+
+class _RoPEFunction(torch.autograd.Function):
+    "`apply_rope` for training: the same numbers, left in autocast's dtype, with the backward written out."
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        c, s = cos[:, None], sin[:, None]; h = s.shape[-1] // 2
+        ct = torch.promote_types(x.dtype, cos.dtype)
+        ac = torch.is_autocast_enabled(x.device.type)                 # attention would cast q and k to this anyway
+        out = torch.get_autocast_dtype(x.device.type) if ac else ct
+        xf = x.to(ct)                                                 # rotate_half(x) * s == swap(x) * (-s1, s2)
+        y = (xf * c).add_(_swap_halves(xf).mul_(torch.cat((-s[..., :h], s[..., h:]), -1))).to(out)
+        ctx.save_for_backward(cos, sin); ctx.dtypes = x.dtype, ct
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        cos, sin = ctx.saved_tensors; x_dtype, ct = ctx.dtypes
+        c, s = cos[:, None], sin[:, None]; h = s.shape[-1] // 2
+        dy = dy.to(ct)                                                # dx = dy*c + rotate_half^T(dy*s) = dy*c + swap(dy) * (s2, -s1)
+        return (dy * c).addcmul_(_swap_halves(dy), torch.cat((s[..., h:], -s[..., :h]), -1)).to(x_dtype), None, None
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     "Rotate `x` (B, nh, T, hd) by the angles in `cos`/`sin` (B, T, hd)."
+    if torch.is_grad_enabled() and x.requires_grad: return _RoPEFunction.apply(x, cos, sin)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 # %% ../nbs/04_model.ipynb #b43c7bb3

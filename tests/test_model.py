@@ -317,3 +317,68 @@ def test_bf16_autocast_training_loss_close_to_fp32():
     cos = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
            for a, b in zip(torch.autograd.grad(lo, list(m.parameters())), ref_g)]
     assert min(cos) > 0.99, cos
+
+
+# --- the written-out backwards of RMSNorm and RoPE: the same outputs, autograd's gradients ---
+
+def test_rms_norm_function_matches_autograd():
+    import microlm.model as M
+    norm = M.RMSNorm(24, eps=1e-6).double()
+    with torch.no_grad(): norm.weight.uniform_(0.5, 1.5)
+    x = (3 * torch.randn(2, 7, 24, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: M._RMSNormFunction.apply(x, w, 1e-6, None), (x, norm.weight))
+    dy = torch.randn(2, 7, 24, dtype=torch.float64)
+    got = torch.autograd.grad(norm(x), (x, norm.weight), dy)
+    ref = torch.autograd.grad(M.rms_norm(x, norm.weight, 1e-6)[0], (x, norm.weight), dy)
+    for a, b in zip(got, ref): assert (a - b).abs().max() < 1e-12
+    norm.weight.requires_grad_(False)                                     # frozen gains, as under LoRA: dx only
+    gx, = torch.autograd.grad(norm(x), x, dy)
+    assert (gx - ref[0]).abs().max() < 1e-12
+    norm = M.RMSNorm(24).float(); xf = x.detach().float().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):                           # autocast: bf16 out, the same bits as without grad
+        y = norm(xf)
+        with torch.no_grad(): y0 = norm(xf)
+    assert y.dtype == y0.dtype == torch.bfloat16 and torch.equal(y, y0)
+    gx, = torch.autograd.grad(y, xf, dy.bfloat16())
+    rx, = torch.autograd.grad(M.rms_norm(xf, norm.weight, norm.eps, torch.bfloat16)[0], xf, dy.bfloat16())
+    assert gx.dtype == torch.float32 and (gx - rx).abs().max() < 1e-5 * rx.abs().max()
+
+
+def test_rope_function_matches_plain_expression():
+    import microlm.model as M
+    hd = 16; cos, sin = M.rope_cos_sin(M.rope_inv_freq(hd, 500.0), torch.arange(3, 12)[None])
+    x = torch.randn(2, 3, 9, hd, dtype=torch.float64, requires_grad=True)
+    c64, s64 = cos.double(), sin.double()
+    assert torch.autograd.gradcheck(lambda x: M._RoPEFunction.apply(x, c64, s64), (x,))
+    dy = torch.randn_like(x)
+    got, = torch.autograd.grad(M.apply_rope(x, c64, s64), x, dy)
+    ref, = torch.autograd.grad(x * c64[:, None] + M.rotate_half(x) * s64[:, None], x, dy)
+    assert (got - ref).abs().max() < 1e-12
+    xb = x.detach().bfloat16().requires_grad_()
+    y = M.apply_rope(xb, cos, sin)                                         # no autocast: fp32, as the plain expression
+    with torch.no_grad(): y0 = M.apply_rope(xb, cos, sin)
+    assert y.dtype == y0.dtype == torch.float32 and torch.equal(y, y0)
+    with torch.autocast("cpu", torch.bfloat16):                            # autocast: bf16, the bits attention would cast to
+        yb = M.apply_rope(xb, cos, sin)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, y0.bfloat16())
+    g, = torch.autograd.grad(yb, xb, dy.bfloat16())
+    assert g.dtype == torch.bfloat16
+
+
+def test_model_gradients_equal_autograd_only_path(monkeypatch):
+    "The whole model in fp64: gradients with the written-out backwards == with autograd through the same forwards."
+    import microlm.model as M
+    m = make(CONFIGS["untied-gqa4-3layers"]).double().train()
+    with torch.no_grad():
+        for n in m.modules():
+            if isinstance(n, M.RMSNorm): n.weight.uniform_(0.5, 1.5)
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 16)); tgt = F.pad(ids[:, 1:], (0, 1), value=-100)
+    def grads():
+        m.zero_grad(); loss = m(ids, targets=tgt).loss; loss.backward()
+        return loss.item(), [p.grad.clone() for p in m.parameters()]
+    l1, g1 = grads()
+    monkeypatch.setattr(M._RMSNormFunction, "apply", lambda x, w, eps, out: M.rms_norm(x, w, eps, out)[0])
+    monkeypatch.setattr(M._RoPEFunction, "apply", lambda x, c, s: x * c[:, None] + M.rotate_half(x) * s[:, None])
+    l2, g2 = grads()
+    assert l1 == l2
+    for a, b in zip(g1, g2): assert (a - b).abs().max() <= 1e-10 * max(1.0, b.abs().max().item())

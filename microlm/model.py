@@ -208,22 +208,19 @@ def _chunked_ce(x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool
     "Summed loss, number of supervised rows, and (if asked) the gradients of the mean loss for x and w."
     dt = compute_dtype(x); xs, ws = x.to(dt), w.to(dt)
     N, V = x.shape[0], w.shape[0]
-    chunk = chunk or max(16, (2**20 if x.device.type == "cpu" else 2**24) // V)  # ~4 MB of fp32 logits per chunk on the CPU
+    chunk = chunk or max(16, (2**19 if x.device.type == "cpu" else 2**24) // V)  # ~2 MB of fp32 logits per chunk on the CPU
     valid = t != ignore_index; n = valid.sum().clamp(min=1)
     acc = torch.promote_types(dt, torch.float32)                                 # fp32 (fp64 stays fp64)
     total = torch.zeros((), dtype=acc, device=x.device)
-    gx = torch.empty_like(xs) if grad_x else None
-    G = torch.empty(N, V, dtype=dt, device=x.device) if grad_w else None
+    grad = grad_x or grad_w
+    G = xs @ ws.t() if grad else None            # (N, V) logits in the matmul dtype; each chunk overwrites its rows with their gradient
     for i in range(0, N, chunk):
         s = slice(i, i + chunk); tc, vc = t[s].clamp(min=0)[:, None], valid[s][:, None]
-        z = (xs[s] @ ws.t()).to(acc)                                            # (chunk, V) logits, fp32
+        z = (G[s] if grad else xs[s] @ ws.t()).to(acc)                          # (chunk, V) logits, fp32
         lse = z.logsumexp(-1, keepdim=True)
         total += ((lse - z.gather(1, tc)) * vc).sum()
-        if not (grad_x or grad_w): continue
-        g = z.sub_(lse).exp_().scatter_add_(1, tc, -vc.to(acc)).mul_(vc.to(acc) / n).to(dt)  # (softmax - onehot) / N, 0 where ignored
-        if grad_x: gx[s] = g @ ws
-        if grad_w: G[s] = g
-    return total, n, gx, (G.t() @ xs if grad_w else None)
+        if grad: G[s] = z.sub_(lse).exp_().scatter_add_(1, tc, -vc.to(acc)).mul_(vc.to(acc) / n)  # (softmax - onehot) / N, 0 where ignored
+    return total, n, (G @ ws if grad_x else None), (G.t() @ xs if grad_w else None)
 
 class _LinearCrossEntropy(torch.autograd.Function):
     "Loss and gradients in one chunked forward pass; backward scales them by the incoming gradient."
@@ -247,9 +244,9 @@ def linear_cross_entropy(x: Tensor,        # (N, C) hidden states
                          w: Tensor,        # (V, C) output-layer weight
                          targets: Tensor,  # (N,) target ids; `ignore_index` = not supervised
                          ignore_index: int = -100,
-                         chunk: int = 0,   # rows per chunk (0: about 4 MB of fp32 logits on the CPU, 64 MB on a GPU)
+                         chunk: int = 0,   # rows per chunk (0: about 2 MB of fp32 logits on the CPU, 64 MB on a GPU)
                         ) -> Tensor:
-    "Mean cross-entropy of the logits `x @ w.T` against `targets`, computed chunk by chunk without materialising the logits."
+    "Mean cross-entropy of the logits `x @ w.T` against `targets`, computed chunk by chunk without materialising fp32 logits."
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return _LinearCrossEntropy.apply(x, w, targets, ignore_index, chunk)
     total, n, _, _ = _chunked_ce(x, w, targets, ignore_index, False, False, chunk)

@@ -27,8 +27,8 @@ from .model import MicroLM, save_model
 __all__ = ['lr_at', 'param_groups', 'muon_split', 'Optimizers', 'make_optimizer', 'TokenWindows', 'eval_windows',
            'next_token_loss', 'evaluate', 'bits_per_byte', 'CheckpointError', 'CheckpointMismatch', 'list_checkpoints',
            'rng_states', 'set_rng_states', 'save_checkpoint', 'read_checkpoint', 'latest_checkpoint', 'read_log',
-           'plot_log', 'dist_env', 'init_distributed', 'train_step', 'train', 'token_meta', 'split_bytes_per_token',
-           'pretrain_stage', 'main', 'matmul_params', 'train_flops_per_token']
+           'plot_log', 'dist_env', 'init_distributed', 'train_step', 'fit_steps', 'train', 'token_meta',
+           'split_bytes_per_token', 'pretrain_stage', 'main', 'matmul_params', 'train_flops_per_token']
 
 # %% ../nbs/05_train.ipynb #c9ccf76f
 def lr_at(step: int,          # optimizer step, 0-based
@@ -287,6 +287,21 @@ def train_step(model: nn.Module,                # what the forward runs through 
     return loss_sum, gnorm
 
 # %% ../nbs/05_train.ipynb #8d9280e9
+def fit_steps(step: int,          # the step reached
+              max_steps: int,     # the most steps the schedule may have
+              step_s: float,      # seconds per optimizer step
+              eval_s: float,      # seconds per validation pass
+              eval_every: int,    # steps between validation passes (one more ends the run)
+              seconds_left: float,
+             ) -> int:
+    "The largest final step <= `max_steps` whose remaining steps and validation passes fit in `seconds_left`."
+    best = step
+    for end in range(step + 1, max_steps + 1):
+        evals = end // eval_every - step // eval_every + (end % eval_every != 0)
+        if (end - step) * step_s + evals * eval_s > seconds_left: break
+        best = end
+    return best
+
 def train(model: nn.Module,                 # any module whose forward(x) returns `.logits` (or use `loss_fn`)
           batches: Callable,                # () -> (x, y); with state_dict/load_state_dict to be resumable exactly
           cfg: TrainConfig,
@@ -297,11 +312,14 @@ def train(model: nn.Module,                 # any module whose forward(x) return
           loss_fn: Callable = next_token_loss,      # (model, x, y) -> scalar loss
           log_every: int = 10,              # steps between train log lines
           max_minutes: float | None = None, # stop (and checkpoint) after this much wall time
+          fit_minutes: float | None = None, # fit the schedule to this much wall time: once, after the warmup, lower max_steps
+                                            # so that the steps and validation passes left end within it, the lr fully decayed
           on_step: Callable | None = None,  # on_step(step, record) after each optimizer step
           resume: bool = True, progress: bool = True, desc: str = "train",
           on_mismatch: str = "error",       # a checkpoint of another configuration: 'error', or 'restart' (discard it, start over)
          ) -> dict:
     "Train `model` in place for `cfg.max_steps` optimizer steps (resuming from `out/ckpt`); returns a summary."
+    t_call = time.perf_counter()
     if on_mismatch not in ("error", "restart"): raise ValueError(f"on_mismatch must be 'error' or 'restart', got {on_mismatch!r}")
     rank, world, device = init_distributed()
     out = Path(out); ckdir = out/"ckpt"; logf = out/"log.jsonl"
@@ -309,7 +327,7 @@ def train(model: nn.Module,                 # any module whose forward(x) return
     amp = amp_dtype(device, cfg.dtype)
     raw = model.to(device); raw.train()
     opt = make_optimizer(raw, cfg)
-    step = tokens = 0
+    step = tokens = 0; max_steps, fitted = cfg.max_steps, False
     try: found = latest_checkpoint(ckdir, raw, meta) if resume else None
     except CheckpointMismatch as e:
         if on_mismatch == "error": raise
@@ -319,6 +337,7 @@ def train(model: nn.Module,                 # any module whose forward(x) return
         path, weights, st = found
         raw.load_state_dict(weights); opt.load_state_dict(st["optimizer"]); set_rng_states(st["rng"])
         step, tokens = st["step"], st["tokens"]
+        max_steps, fitted = st.get("max_steps", cfg.max_steps), st.get("fitted", False)  # a fitted schedule stays fitted
         data = st.get("data") or []
         if hasattr(batches, "load_state_dict") and len(data) == world: batches.load_state_dict(data[rank])
         elif hasattr(batches, "load_state_dict"): warnings.warn(f"{path}: saved by {len(data)} rank(s), resuming with {world}: new data order")
@@ -353,16 +372,28 @@ def train(model: nn.Module,                 # any module whose forward(x) return
         datas = [None] * world
         if world > 1: dist.all_gather_object(datas, data)
         else: datas = [data]
-        if rank == 0: save_checkpoint(ckdir, step, raw, opt, {"tokens": tokens, "data": datas}, meta, cfg.keep_ckpts)
+        if rank == 0: save_checkpoint(ckdir, step, raw, opt, {"tokens": tokens, "data": datas, "max_steps": max_steps, "fitted": fitted},
+                                      meta, cfg.keep_ckpts)
         if world > 1: dist.barrier()
 
-    last_eval = validate() if step == 0 else {}
-    pbar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+    def fit():                                        # the timings so far -> the last step that fits in fit_minutes
+        step_s = float(np.median(step_secs[1:]))      # the first step of a call pays for allocation
+        eval_s = float(np.median(eval_secs)) if eval_secs else step_s * len(valid or []) / (3 * cfg.grad_accum)  # forward ~ 1/3 of a step
+        left = 60 * fit_minutes * 0.98 - (time.perf_counter() - t_call)   # 2% kept for checkpoints and the final plot
+        end = torch.tensor([fit_steps(step, max_steps, step_s, eval_s, cfg.eval_every, left)], device=device)
+        if world > 1: dist.broadcast(end, 0)          # every rank follows rank 0's timings
+        if rank == 0: print(f"{desc}: {fit_minutes:.3g} minutes fit {int(end)} steps ({step_s:.3g} s/step, {eval_s:.3g} s/validation)")
+        return int(end)
+
+    step_secs, eval_secs = [], []
+    t_eval = time.perf_counter(); last_eval = validate() if step == 0 else {}
+    if last_eval: eval_secs.append(time.perf_counter() - t_eval)
+    pbar = tqdm(total=max_steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     t_start, train_s, win_s, win_tok, start_tokens = time.perf_counter(), 0.0, 0.0, 0, tokens
     loss_v = float("nan")
-    while step < cfg.max_steps:
+    while step < max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, replace(cfg, max_steps=max_steps))
         for g in opt.param_groups: g["lr"] = lr
         loss_sum, gnorm = train_step(fwd, opt, [batches() for _ in range(cfg.grad_accum)], cfg.grad_clip, device, amp, loss_fn, ddp)
         if world > 1: dist.all_reduce(loss_sum); loss_sum /= world
@@ -371,17 +402,20 @@ def train(model: nn.Module,                 # any module whose forward(x) return
             raise FloatingPointError(f"{desc}: loss is {loss_v} at step {step + 1} (lr {lr:.2e}): training diverged; lower "
                                      f"lr or raise warmup_steps (the last good checkpoint is in {ckdir})")
         step += 1; tokens += step_tokens
-        dt = time.perf_counter() - t0; train_s += dt; win_s += dt; win_tok += step_tokens
+        dt = time.perf_counter() - t0; train_s += dt; win_s += dt; win_tok += step_tokens; step_secs.append(dt)
         rec = {"step": step, "tokens": tokens, "loss": round(loss_v, 5), "lr": lr, "tok_s": round(win_tok / win_s, 1)}
         if gnorm is not None: rec["grad_norm"] = round(gnorm.item(), 4)
-        if step % log_every == 0 or step == cfg.max_steps:
+        if fit_minutes is not None and not fitted and step >= cfg.warmup_steps and len(step_secs) > 10:
+            max_steps, fitted = fit(), True; pbar.total = max_steps; pbar.refresh()
+        if step % log_every == 0 or step == max_steps:
             log(rec); win_s, win_tok = 0.0, 0
         pbar.update(1); pbar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{rec['tok_s']:.0f}")
         stop = max_minutes is not None and (time.perf_counter() - t_start) > 60 * max_minutes
         if world > 1:
             flag = torch.tensor([float(stop)], device=device); dist.broadcast(flag, 0); stop = bool(flag.item())
-        if step % cfg.eval_every == 0 or step == cfg.max_steps or stop: last_eval = validate()
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop: checkpoint()
+        if step % cfg.eval_every == 0 or step == max_steps or stop:
+            t_eval = time.perf_counter(); last_eval = validate(); eval_secs.append(time.perf_counter() - t_eval)
+        if step % cfg.ckpt_every == 0 or step == max_steps or stop: checkpoint()
         if on_step is not None: on_step(step, rec)
         if stop: break
     pbar.close()
@@ -390,7 +424,7 @@ def train(model: nn.Module,                 # any module whose forward(x) return
     return {"steps": step, "tokens": tokens, "loss": round(loss_v, 4), "val_loss": last_eval.get("val_loss"),
             "val_bpb": last_eval.get("val_bpb"), "tok_s": round((tokens - start_tokens) / max(train_s, 1e-9), 1),
             "train_minutes": round(train_s / 60, 3), "params": sum(p.numel() for p in raw.parameters()), "world_size": world,
-            "optimizer": cfg.optimizer}
+            "optimizer": cfg.optimizer, "max_steps": max_steps}
 
 # %% ../nbs/05_train.ipynb #6eb85709
 def token_meta(run: Run) -> dict:
@@ -410,6 +444,7 @@ def split_bytes_per_token(meta: dict, split: str) -> float:
 # %% ../nbs/05_train.ipynb #f2f88476
 def pretrain_stage(run: Run, force: bool = False,
                    max_minutes: float | None = None,  # stop early after this much training time (a budget, not a preset field)
+                   fit_minutes: float | None = None,  # fit the schedule (fewer steps, fully decayed) to this much training time
                    log_every: int = 10, progress: bool = True) -> dict:
     "Pretrain `run.preset.model` on the run's token memmaps; writes run.pretrain/{log.jsonl, loss.png, model.safetensors, config.json}."
     if run.is_current("pretrain") and not force:
@@ -434,13 +469,14 @@ def pretrain_stage(run: Run, force: bool = False,
     valid = eval_windows(valid_tok, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
     ck_meta = {"config_hash": run.hash("pretrain"), "model_config": asdict(mcfg)}
     s = train(model, batches, cfg, out, valid=valid, bytes_per_token=split_bytes_per_token(meta, "valid"), meta=ck_meta,
-              log_every=log_every, max_minutes=max_minutes, progress=progress, desc="pretrain", on_mismatch="restart")
+              log_every=log_every, max_minutes=max_minutes, progress=progress, desc="pretrain", on_mismatch="restart",
+              fit_minutes=None if fit_minutes is None else fit_minutes - (time.time() - t0) / 60)  # the stage's set-up counts too
     summary = {**{k: s[k] for k in ("steps", "tokens", "loss", "val_loss", "val_bpb", "tok_s", "params", "world_size")},
-               "minutes": round((time.time() - t0) / 60, 2)}
+               "minutes": round((time.time() - t0) / 60, 2), **({"max_steps": s["max_steps"]} if s["max_steps"] != cfg.max_steps else {})}
     if rank == 0:
         save_model(model, out)
-        if s["steps"] >= cfg.max_steps: run.mark_done("pretrain", summary, time.time() - t0)
-        else: print(f"pretrain: stopped at step {s['steps']}/{cfg.max_steps} (time budget); rerun to continue")
+        if s["steps"] >= s["max_steps"]: run.mark_done("pretrain", summary, time.time() - t0)
+        else: print(f"pretrain: stopped at step {s['steps']}/{s['max_steps']} (time budget); rerun to continue")
     if world > 1: dist.barrier()
     return summary
 
@@ -454,14 +490,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, help="max_steps"); ap.add_argument("--batch-size", type=int); ap.add_argument("--seq-len", type=int)
     ap.add_argument("--lr", type=float); ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"]); ap.add_argument("--compile", action="store_true")
     ap.add_argument("--optimizer", choices=list(OPTIMIZERS))
-    ap.add_argument("--max-minutes", type=float); ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--max-minutes", type=float, help="stop (and checkpoint) after this much wall time; rerun to continue")
+    ap.add_argument("--fit-minutes", type=float, help="fit the schedule to this much wall time: fewer steps, the lr fully decayed")
+    ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--force", action="store_true", help="start over, ignoring checkpoints"); ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     run = Run(a.run, a.preset)
     over = {k: v for k, v in dict(max_steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, dtype=a.dtype,
                                   compile=a.compile or None, optimizer=a.optimizer).items() if v is not None}
     if over: run = Run(run.root, replace(run.preset, pretrain=replace(run.preset.pretrain, **over)))
-    s = pretrain_stage(run, force=a.force, max_minutes=a.max_minutes, log_every=a.log_every, progress=not a.no_progress)
+    s = pretrain_stage(run, force=a.force, max_minutes=a.max_minutes, fit_minutes=a.fit_minutes, log_every=a.log_every,
+                       progress=not a.no_progress)
     if dist_env()[0] == 0: print(json.dumps(s))
     if dist.is_initialized(): dist.destroy_process_group()
     return s

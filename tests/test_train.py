@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from microlm.config import SMOKE, DataConfig, ModelConfig, Run, TrainConfig, stable_hash
 from microlm.model import MicroLM, load_model
 from microlm.train import (CheckpointError, CheckpointMismatch, TokenWindows, eval_windows, latest_checkpoint, list_checkpoints,
-                           Optimizers, lr_at, make_optimizer, muon_split, param_groups, pretrain_stage, read_checkpoint, read_log, train)
+                           Optimizers, fit_steps, lr_at, make_optimizer, muon_split, param_groups, pretrain_stage, read_checkpoint, read_log, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -206,6 +206,27 @@ def test_fresh_start_discards_old_checkpoints(trained, tmp_path):
     s = tiny_train(out, replace(CFG, max_steps=4), resume=False)
     assert s["steps"] == 4 and [p.name for p in list_checkpoints(out/"ckpt")] == ["step_000004"]
     assert max(r["step"] for r in read_log(out/"log.jsonl")) == 4
+
+
+def test_fit_steps():
+    assert fit_steps(0, 100, 1.0, 5.0, 10, 1000) == 100                  # everything fits: the preset's steps
+    assert fit_steps(0, 100, 1.0, 0.0, 10, 25.5) == 25                   # whole steps only
+    assert fit_steps(0, 100, 1.0, 5.0, 10, 40) == 25                     # 25 steps + passes at 10, 20 and the final one
+    assert fit_steps(0, 100, 1.0, 5.0, 10, 39.9) == 24                   # 24 + 3 passes = 39
+    assert fit_steps(20, 100, 1.0, 5.0, 10, 15) == 30                    # from step 20: 10 steps + the pass at 30
+    assert fit_steps(7, 100, 1.0, 1.0, 10, 0.5) == 7                     # no time left: stop where it is
+
+
+def test_fit_minutes_fits_the_schedule(tmp_path):
+    "A time budget lowers max_steps once after the warmup; the lr ends decayed; the fitted schedule survives a resume."
+    cfg = replace(CFG, max_steps=100_000, eval_every=50, ckpt_every=100_000)
+    s = tiny_train(tmp_path/"run", cfg, fit_minutes=0.05, log_every=1)
+    assert s["steps"] == s["max_steps"] < cfg.max_steps
+    log = [r for r in read_log(tmp_path/"run"/"log.jsonl") if "lr" in r]
+    assert log[-1]["step"] == s["steps"] and log[-1]["lr"] < cfg.min_lr + 0.02 * (cfg.lr - cfg.min_lr)  # decayed to (nearly) min_lr
+    assert [r["step"] for r in read_log(tmp_path/"run"/"log.jsonl") if "val_loss" in r][-1] == s["steps"]
+    again = tiny_train(tmp_path/"run", cfg)                                # resumed without the budget: already done
+    assert again["steps"] == again["max_steps"] == s["steps"]
 
 
 def test_divergence_is_a_clear_error(tmp_path):

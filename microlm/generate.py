@@ -119,7 +119,7 @@ def left_pad(prompts,               # one prompt (list of ids or 1-D tensor), se
 # %% ../nbs/08_generate.ipynb #6ad7b35e
 def forward_last(model, ids: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
     "Run the model, projecting only the last position to logits: (B, V)."
-    return model(ids, attention_mask=mask, cache=cache, last_only=True).logits[:, -1]
+    return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
 
 @torch.no_grad()
 def iter_next_tokens(model, ids: torch.Tensor, mask: torch.Tensor, n: int, sp: SamplingParams,
@@ -273,14 +273,14 @@ class HFCausalLM(torch.nn.Module):
         from transformers import DynamicCache
         return DynamicCache()
 
-    def forward(self, input_ids, labels=None, attention_mask=None, cache=None, last_only: bool = False):
+    def forward(self, input_ids, labels=None, attention_mask=None, cache=None, logits_to_keep: int = 0):
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None: attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # positions count real tokens only (left padding)
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, labels=labels,
                        past_key_values=cache, use_cache=cache is not None,
-                       logits_to_keep=1 if last_only else 0)
+                       logits_to_keep=logits_to_keep)
 
 # %% ../nbs/08_generate.ipynb #ed461550
 def time_generation(model, prompt_len: int, new: int, batch_size: int = 1, use_cache: bool = True, seed: int = 0) -> dict:

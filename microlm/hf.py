@@ -16,6 +16,7 @@ from .config import (VLLM_CPU_HEAD_SIZES, PretrainedConfig, Run, amp_dtype, atom
 from .data import sources_dir
 from .model import MicroLM, load_model, to_hf_config
 from .tokenizer import STOP_TOKENS, load_tokenizer
+from .stages import stage_body
 
 # %% auto #0
 __all__ = ['TOKENIZER_FILES', 'OWN_MODELS', 'check_exportable', 'copy_tokenizer_files', 'hf_config_for', 'export_hf', 'load_hf',
@@ -56,7 +57,7 @@ def hf_config_for(cfg, tok) -> LlamaConfig:
 
 def export_hf(model: MicroLM, # the own model (base, SFT, or with a LoRA merged)
               tokenizer_dir: str | Path, # the run's tokenizer folder
-              out: str | Path, # the folder to write, e.g. `run.hf/"own_sft"`
+              out: str | Path, # the folder to write, e.g. `run/"hf"/"own_sft"`
              ) -> Path:
     "Write `model` as a `LlamaForCausalLM` folder with tokenizer and generation config, atomically."
     tok = load_tokenizer(tokenizer_dir)
@@ -99,18 +100,19 @@ OWN_MODELS = ("own_base", "own_sft", "own_lora")
 
 def load_own(run: Run, name: str) -> MicroLM:
     "The own model `name` ('own_base', 'own_sft' or 'own_lora': base + own LoRA adapter merged) of `run`."
-    if name == "own_base": return load_model(run.pretrain).eval()
-    if name == "own_sft": return load_model(run.sft).eval()
+    if name == "own_base": return load_model(run/"pretrain").eval()
+    if name == "own_sft": return load_model(run/"sft").eval()
     if name == "own_lora":
         from microlm.lora import load_adapter, merge_lora
-        return merge_lora(load_adapter(load_model(run.pretrain), lora_adapter_dir(run))).eval()
+        return merge_lora(load_adapter(load_model(run/"pretrain"), lora_adapter_dir(run))).eval()
     raise ValueError(f"unknown own model {name!r}; choose one of {OWN_MODELS}")
 
 def lora_adapter_dir(run: Run) -> Path:
     "The own LoRA adapter (PEFT format) of `run`, or a clear error."
-    for d in (run.lora/"adapter", run.lora):
-        if (d/"adapter_config.json").exists() and (d/"adapter_model.safetensors").exists(): return d
-    raise FileNotFoundError(f"{run.lora/'adapter_config.json'} not found: run the lora stage first")
+    d = run/"lora"
+    if not ((d/"adapter_config.json").exists() and (d/"adapter_model.safetensors").exists()):
+        raise FileNotFoundError(f"{d/'adapter_config.json'} not found: run the lora stage first")
+    return d
 
 def export_adapter(adapter_dir: str | Path, base_dir: str | Path, out: str | Path) -> Path:
     "Copy a PEFT adapter folder to `out`, its `base_model_name_or_path` pointing at `base_dir`."
@@ -137,27 +139,25 @@ def _probe_ids(run: Run, n: int = 64) -> torch.Tensor:
     t = load_tokens(run, "test")
     return torch.from_numpy(t[:n].astype("int64"))[None]
 
+@stage_body("export")
 def export_stage(run: Run, force: bool = False) -> dict:
-    "Export own_base, own_sft and own_lora of `run` to `run.hf/<name>/` (+ the adapter for serving), checking logits parity."
-    if run.is_current("export") and not force:
-        print("export: up to date"); return run.status("export")["summary"]
-    for p in (run.pretrain/"model.safetensors", run.sft/"model.safetensors", run.tokenizer/"tokenizer.json"):
+    "Export own_base, own_sft and own_lora of `run` to `run/'hf'/<name>/` (+ the adapter for serving), checking logits parity."
+    for p in (run/"pretrain"/"model.safetensors", run/"sft"/"model.safetensors", run/"tokenizer"/"tokenizer.json"):
         if not p.exists(): raise FileNotFoundError(f"{p} not found: run the stages before export first (microlm export runs them)")
     adapter = lora_adapter_dir(run)
     t0, ids, models = time.time(), _probe_ids(run), {}
     for name in OWN_MODELS:
         m = load_own(run, name)
-        folder = export_hf(m, run.tokenizer, run.hf/name)
+        folder = export_hf(m, run/"tokenizer", run/"hf"/name)
         hf, _ = load_hf(folder)
         models[name] = dict(path=str(folder), params=sum(p.numel() for p in hf.parameters()),
                             max_logit_diff=max_logit_diff(m, hf, ids))
         if models[name]["max_logit_diff"] > 1e-4: raise RuntimeError(f"export: {name} logits differ by {models[name]['max_logit_diff']:.2e}")
         if name == "own_lora": merged = m
-    ad = export_adapter(adapter, run.hf/"own_base", run.hf/"own_lora_adapter")
-    dpeft = peft_logit_diff(run.hf/"own_base", ad, merged, ids)
+    ad = export_adapter(adapter, run/"hf"/"own_base", run/"hf"/"own_lora_adapter")
+    dpeft = peft_logit_diff(run/"hf"/"own_base", ad, merged, ids)
     if dpeft > 1e-4: raise RuntimeError(f"export: PEFT (own_base + adapter) and the merged own_lora differ by {dpeft:.2e}")
     summary = dict(models=models, lora_adapter=str(ad), peft_max_logit_diff=dpeft, seconds=round(time.time() - t0, 1))
-    run.mark_done("export", summary, time.time() - t0)
     return summary
 
 # %% ../nbs/10_hf.ipynb #ff6e995e
@@ -303,13 +303,12 @@ def plot_log(log_path: str | Path, out: str | Path, title: str = "SmolLM2 PEFT L
     fig.savefig(out, dpi=110); plt.close(fig)
     return Path(out)
 
+@stage_body("pretrained")
 def pretrained_stage(run: Run, force: bool = False, progress: bool = True) -> dict:
-    "The pretrained track of `run`: PEFT LoRA on the structured tasks, merged; writes run.pretrained/ and run.hf/smol_{base,lora}/."
-    if run.is_current("pretrained") and not force:
-        print("pretrained: up to date"); return run.status("pretrained")["summary"]
+    "The pretrained track of `run`: PEFT LoRA on the structured tasks, merged; writes run/'pretrained'/ and run/'hf'/smol_{base,lora}/."
     from microlm.sft import split_tasks
     for s in ("train", "valid"):
-        if not (run.data/f"{s}.txt").exists(): raise FileNotFoundError(f"{run.data/f'{s}.txt'} not found: run the data stage first")
+        if not (run/"data"/f"{s}.txt").exists(): raise FileNotFoundError(f"{run/'data'/f'{s}.txt'} not found: run the data stage first")
     t0, cfg = time.time(), run.preset.pretrained
     base = convert_pretrained(cfg.model)
     tok = AutoTokenizer.from_pretrained(base)
@@ -317,12 +316,11 @@ def pretrained_stage(run: Run, force: bool = False, progress: bool = True) -> di
     train, tr_counts = split_tasks(run, "train", fits)
     valid, _ = split_tasks(run, "valid", fits)
     random.Random(run.preset.seed).shuffle(valid)                   # the validation subset spans the held-out plays
-    stats = peft_finetune(base, [e["messages"] for e in train], [e["messages"] for e in valid], cfg, run.pretrained,
+    stats = peft_finetune(base, [e["messages"] for e in train], [e["messages"] for e in valid], cfg, run/"pretrained",
                           seed=run.preset.seed, progress=progress)
-    plot_log(run.pretrained/"log.jsonl", run.pretrained/"loss.png")
-    link_folder(base, run.hf/"smol_base")
-    merge_adapter(base, run.pretrained/"adapter", run.hf/"smol_lora")
+    plot_log(run/"pretrained"/"log.jsonl", run/"pretrained"/"loss.png")
+    link_folder(base, run/"hf"/"smol_base")
+    merge_adapter(base, run/"pretrained"/"adapter", run/"hf"/"smol_lora")
     summary = dict(model=cfg.model, base=str(base), **stats, dropped=tr_counts.get("dropped"),
-                   smol_base=str(run.hf/"smol_base"), smol_lora=str(run.hf/"smol_lora"), adapter=str(run.pretrained/"adapter"))
-    run.mark_done("pretrained", summary, time.time() - t0)
+                   smol_base=str(run/"hf"/"smol_base"), smol_lora=str(run/"hf"/"smol_lora"), adapter=str(run/"pretrained"/"adapter"))
     return summary

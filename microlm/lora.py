@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LoraConfig, Run, atomic_path, atomic_write, seed_everything
+from .stages import stage_body
 
 # %% auto #0
 __all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'PEFT_PREFIX', 'LoRALinear', 'lora_modules', 'apply_lora', 'trainable_table',
@@ -149,10 +150,9 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     return model
 
 # %% ../nbs/07_lora.ipynb #1e9fbb01
+@stage_body("lora")
 def lora_stage(run: Run, force: bool = False, log_every: int = 10, progress: bool = True) -> dict:
-    "LoRA fine-tuning of the pretrained model of `run`; writes run.lora/ (PEFT adapter, log.jsonl, loss.png)."
-    if run.is_current("lora") and not force:
-        print("lora: up to date"); return run.status("lora")["summary"]
+    "LoRA fine-tuning of the pretrained model of `run`; writes run/'lora'/ (PEFT adapter, log.jsonl, loss.png)."
     from microlm.sft import finetune, finetune_setup
     from microlm.train import read_log
     t0 = time.time()
@@ -160,19 +160,18 @@ def lora_stage(run: Run, force: bool = False, log_every: int = 10, progress: boo
     model = apply_lora(model, run.preset.lora)
     share = trainable_table(model)[-1]
     s = finetune(run, "lora", model, cfg, out, batches, valid, log_every, progress)
-    save_adapter(model, out, run.preset.lora, base_model_name_or_path=str(run.pretrain))
+    save_adapter(model, out, run.preset.lora, base_model_name_or_path=str(run/"pretrain"))
     ev = [r for r in read_log(out/"log.jsonl") if "val_loss" in r]
     summary = dict(steps=s["steps"], loss=s["loss"], val_loss_start=ev[0]["val_loss"], val_loss=s["val_loss"],
                    val_drop=round(ev[0]["val_loss"] - ev[-1]["val_loss"], 4), trainable=share["trainable"], params=share["params"],
                    trainable_share=share["share"], tok_s=s["tok_s"], minutes=round((time.time() - t0) / 60, 2))
     summary.update(compare_with_sft(run, ev))
-    run.mark_done("lora", summary, time.time() - t0)
     return summary
 
 def compare_with_sft(run: Run, lora_evals: list[dict]) -> dict:
     "Full SFT's validation-loss drop at LoRA's last evaluated step, and LoRA's drop as a share of it (if SFT ran)."
     from microlm.train import read_log
-    sft = [r for r in read_log(run.sft/"log.jsonl") if "val_loss" in r]
+    sft = [r for r in read_log(run/"sft"/"log.jsonl") if "val_loss" in r]
     if not sft or not lora_evals: return {}
     step = lora_evals[-1]["step"]
     at = [r for r in sft if r["step"] <= step][-1]

@@ -272,7 +272,6 @@ class MicroLM(nn.Module):
                 attention_mask: Tensor | None = None, # (B, past+T) or (B, T) with a cache; 1 = token, 0 = left padding
                 cache: KVCache | None = None, # updated in place
                 logits_to_keep: int = 0, # project only the last n positions (0: all)
-                last_only: bool = False, # same as logits_to_keep=1
                 targets: Tensor | None = None, # (B, T) next-token targets, already shifted; -100 = not supervised: loss only, no logits
                ) -> ModelOutput:
         if input_ids.dim() != 2: raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
@@ -289,9 +288,9 @@ class MicroLM(nn.Module):
         for layer in self.model.layers: x = layer(x, cos, sin, mask, cache)
         if cache is not None: cache.length += T
         x = self.model.norm(x)
-        keep = 1 if last_only else logits_to_keep
+        keep = logits_to_keep
         if keep and (labels is not None or targets is not None):
-            raise ValueError("labels and targets need every position: drop logits_to_keep/last_only")
+            raise ValueError("labels and targets need every position: drop logits_to_keep")
         if targets is not None:
             if labels is not None: raise ValueError("give labels (shifted here) or targets (already shifted), not both")
             if targets.shape != input_ids.shape: raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")

@@ -9,30 +9,17 @@ from pathlib import Path
 from typing import Sequence
 
 # %% auto #0
-__all__ = ['CHATML_TEMPLATE', 'LORA_RANKS', 'COMPACT_JSON_ARGS', 'WATCHDOG', 'make_tiny_hf_model', 'free_port', 'lora_rank',
-           'server_command', 'has_cuda', 'server_env', 'session_pids', 'stop_process_group', 'VLLMServer',
-           'offline_generate', 'main']
+__all__ = ['LORA_RANKS', 'COMPACT_JSON_ARGS', 'WATCHDOG', 'make_tiny_hf_model', 'free_port', 'lora_rank', 'server_command',
+           'has_cuda', 'server_env', 'session_pids', 'stop_process_group', 'VLLMServer', 'offline_generate', 'main']
 
 # %% ../nbs/12_serve.ipynb #c97471c0
-CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
 def _tiny_tokenizer(vocab_size: int, seed: int):
-    "A byte-level BPE with the project's special tokens, trained on seeded pseudo-words and JSON."
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    "The project's own tokenizer (03_tokenizer: byte-level BPE, special tokens, chat template) on seeded pseudo-words and JSON."
+    from microlm.tokenizer import to_hf, train_bpe   # here: transformers is heavy, and only this test model needs it
     rng = random.Random(seed)
     words = ["".join(rng.choice("etaoinshrdlucmfwypvbgkjqxz") for _ in range(rng.randint(2, 8))) for _ in range(3000)]
     text = [" ".join(rng.choice(words) for _ in range(50)) + ' {"name": "x", "n": 1}, [1, 2, 3]' for _ in range(400)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
+    return to_hf(train_bpe(text, vocab_size))
 
 def make_tiny_hf_model(folder: str | Path, # written: `folder/model` (+ `folder/lora`)
                        seed: int = 0,        # seeds the tokenizer text, the weights and the adapter

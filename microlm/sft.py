@@ -9,10 +9,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
+import jsonschema
 import numpy as np
 import torch
 
 from .config import Run, atomic_write, seed_everything
+from .stages import stage_body, stage_key
 
 # %% auto #0
 __all__ = ['SCHEMAS', 'KINDS', 'TASKS', 'numeral', 'parse_play', 'moves', 'schema_errors', 'schema_valid', 'schema_hint',
@@ -88,29 +90,16 @@ def moves(direction: str, last_speaker: str | None = None) -> tuple[list[str], l
     return enter, exit_
 
 # %% ../nbs/06_sft.ipynb #ac25715e
-_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+def _where(path) -> str: return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
-def schema_errors(obj, schema: dict, path: str = "$") -> list[str]:
-    "Why `obj` does not satisfy `schema` (a JSON-schema subset); empty when it does."
-    t = schema.get("type")
-    if t is not None:
-        ok = isinstance(obj, _TYPES[t]) and not (t in ("integer", "number") and isinstance(obj, bool))
-        if not ok: return [f"{path}: expected {t}, got {type(obj).__name__}"]
-    if "enum" in schema and obj not in schema["enum"]: return [f"{path}: {obj!r} not in {schema['enum']}"]
-    errs = []
-    if isinstance(obj, dict):
-        props = schema.get("properties", {})
-        errs += [f"{path}: missing key {k!r}" for k in schema.get("required", []) if k not in obj]
-        if schema.get("additionalProperties") is False: errs += [f"{path}: unexpected key {k!r}" for k in obj if k not in props]
-        for k, v in obj.items():
-            if k in props: errs += schema_errors(v, props[k], f"{path}.{k}")
-    if isinstance(obj, list) and "items" in schema:
-        for i, v in enumerate(obj): errs += schema_errors(v, schema["items"], f"{path}[{i}]")
-    return errs
+def schema_errors(obj, schema: dict) -> list[str]:
+    "Why `obj` does not satisfy `schema`: one `$.path: message` line per violation (jsonschema); empty when it does."
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(obj)
+    return sorted(f"{_where(e.absolute_path)}: {e.message}" for e in errors)
 
 def schema_valid(obj, schema: dict) -> bool:
-    "Whether `obj` satisfies `schema` (type, required, properties, items, additionalProperties=false, enum)."
-    return not schema_errors(obj, schema)
+    "Whether `obj` satisfies `schema` (jsonschema, Draft 2020-12)."
+    return jsonschema.Draft202012Validator(schema).is_valid(obj)
 
 # %% ../nbs/06_sft.ipynb #216aa2e7
 def _obj(**props) -> dict:
@@ -430,12 +419,12 @@ def finetune_setup(run: Run, stage: str, force: bool = False) -> tuple:
     "What full SFT and LoRA share before training: inputs checked, tokenizer, data, batches and the pretrained model: (cfg, out, data, batches, valid, model)."
     from microlm.model import load_model
     from microlm.tokenizer import load_tokenizer
-    _require(run.pretrain/"model.safetensors", run.tokenizer/"tokenizer.json")
-    cfg, out = {"sft": run.preset.sft, "lora": run.preset.lora_train}[stage], run.path(stage)
+    _require(run/"pretrain"/"model.safetensors", run/"tokenizer"/"tokenizer.json")
+    cfg, out = {"sft": run.preset.sft, "lora": run.preset.lora_train}[stage], run/stage
     if force: shutil.rmtree(out/"ckpt", ignore_errors=True)
-    data, batches, valid = finetune_data(run, load_tokenizer(run.tokenizer), cfg)
+    data, batches, valid = finetune_data(run, load_tokenizer(run/"tokenizer"), cfg)
     seed_everything(run.preset.seed)
-    model = load_model(run.pretrain)
+    model = load_model(run/"pretrain")
     if cfg.seq_len > model.cfg.max_position_embeddings:
         raise ValueError(f"{stage}: seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={model.cfg.max_position_embeddings}")
     return cfg, out, data, batches, valid, model
@@ -443,13 +432,12 @@ def finetune_setup(run: Run, stage: str, force: bool = False) -> tuple:
 def finetune(run: Run, stage: str, model, cfg, out: Path, batches, valid, log_every: int = 10, progress: bool = True) -> dict:
     "Run the shared training loop for fine-tuning stage `stage` (checkpoints of another configuration are discarded)."
     from microlm.train import train
-    return train(model, batches, cfg, out, valid=valid, meta={"config_hash": run.hash(stage), "model_config": asdict(model.cfg)},
+    return train(model, batches, cfg, out, valid=valid, meta={"config_hash": stage_key(run, stage), "model_config": asdict(model.cfg)},
                  log_every=log_every, progress=progress, desc=stage, on_mismatch="restart")
 
+@stage_body("sft")
 def sft_stage(run: Run, force: bool = False, log_every: int = 10, progress: bool = True) -> dict:
-    "Fine-tune the pretrained model of `run` on the SFT data; writes run.sft/ (model, log.jsonl, loss.png, tasks_*.jsonl)."
-    if run.is_current("sft") and not force:
-        print("sft: up to date"); return run.status("sft")["summary"]
+    "Fine-tune the pretrained model of `run` on the SFT data; writes run/'sft'/ (model, log.jsonl, loss.png, tasks_*.jsonl)."
     from microlm.model import save_model
     from microlm.train import read_log
     t0 = time.time()
@@ -462,5 +450,4 @@ def sft_stage(run: Run, force: bool = False, log_every: int = 10, progress: bool
                    examples={k: v["examples"] + v["chats"] for k, v in data["stats"].items()},
                    dropped={k: v["dropped"] + v["chats_dropped"] for k, v in data["stats"].items()},
                    minutes=round((time.time() - t0) / 60, 2))
-    run.mark_done("sft", summary, time.time() - t0)
     return summary

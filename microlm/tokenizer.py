@@ -14,12 +14,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .config import Run, atomic_dir, atomic_write
 from .data import EOT
+from .stages import sha256_file, stage_body
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'EOT_ID', 'IM_START_ID', 'IM_END_ID', 'PAD_ID', 'STOP_TOKENS', 'SPLITS', 'N_BYTES', 'CHAT_TEMPLATE',
            'new_bpe', 'train_bpe', 'encode', 'decode', 'token_strings', 'check_chat_template', 'to_hf', 'stop_ids',
-           'save_tokenizer', 'load_tokenizer', 'token_dtype', 'encode_docs', 'sha256_file', 'write_tokens',
-           'load_tokens', 'tokenizer_stage']
+           'save_tokenizer', 'load_tokenizer', 'token_dtype', 'encode_docs', 'write_tokens', 'load_tokens',
+           'tokenizer_stage']
 
 # %% ../nbs/03_tokenizer.ipynb #26115f53
 SPECIAL_TOKENS = (EOT, "<|im_start|>", "<|im_end|>", "<|pad|>")  # ids 0, 1, 2, 3
@@ -150,10 +151,6 @@ def encode_docs(tok: Tokenizer, text: str, dtype=np.uint32) -> np.ndarray:
         parts.append(np.asarray(e.ids, dtype=dtype))
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-def sha256_file(path: str | Path) -> str:
-    "sha256 hex digest of a file."
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 def write_tokens(tokenizer_dir: Path, # folder with `tokenizer.json`
                  data_dir: Path,      # folder with `{split}.txt`
                  out_dir: Path,       # where `{split}.bin` and `meta.json` go (swapped in atomically)
@@ -179,17 +176,17 @@ def write_tokens(tokenizer_dir: Path, # folder with `tokenizer.json`
 def load_tokens(run: Run, split: str) -> np.memmap:
     "The token memmap of `split` (read-only), checked against the run's tokenizer."
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
-    mpath, bpath, tpath = run.tokens/"meta.json", run.tokens/f"{split}.bin", run.tokenizer/"tokenizer.json"
+    mpath, bpath, tpath = run/"tokens"/"meta.json", run/"tokens"/f"{split}.bin", run/"tokenizer"/"tokenizer.json"
     for p in (mpath, bpath, tpath):
         if not p.exists(): raise FileNotFoundError(f"{p} is missing; run the tokenizer stage first")
     meta = json.loads(mpath.read_text())
     sha = sha256_file(tpath)
     if meta["tokenizer_sha256"] != sha:
-        raise ValueError(f"{run.tokens} was encoded with tokenizer sha256 {meta['tokenizer_sha256'][:12]}…, but {tpath} "
+        raise ValueError(f"{run/'tokens'} was encoded with tokenizer sha256 {meta['tokenizer_sha256'][:12]}…, but {tpath} "
                          f"has sha256 {sha[:12]}…; rerun the tokenizer stage (force=True)")
     V = Tokenizer.from_file(str(tpath)).get_vocab_size()
     if meta["vocab_size"] != V:
-        raise ValueError(f"{mpath} says vocab_size={meta['vocab_size']} but the tokenizer in {run.tokenizer} has {V} tokens")
+        raise ValueError(f"{mpath} says vocab_size={meta['vocab_size']} but the tokenizer in {run/'tokenizer'} has {V} tokens")
     if np.dtype(meta["dtype"]) != token_dtype(V):
         raise ValueError(f"{mpath} says dtype={meta['dtype']} but a vocabulary of {V} needs {token_dtype(V).name}")
     n, item = meta["tokens"][split], np.dtype(meta["dtype"]).itemsize
@@ -199,18 +196,16 @@ def load_tokens(run: Run, split: str) -> np.memmap:
     return np.memmap(bpath, dtype=meta["dtype"], mode="r", shape=(n,))
 
 # %% ../nbs/03_tokenizer.ipynb #63ce6ade
+@stage_body("tokenizer")
 def tokenizer_stage(run: Run, force: bool = False) -> dict:
-    "Train the tokenizer on `run.data/train.txt`, save it to `run.tokenizer`, encode all splits into `run.tokens`."
-    if run.is_current("tokenizer") and not force:
-        print("tokenizer: up to date"); return run.status("tokenizer")["summary"]
+    "Train the tokenizer on `run/'data'/train.txt`, save it to `run/'tokenizer'`, encode all splits into `run/'tokens'`."
     for s in SPLITS:
-        if not (run.data/f"{s}.txt").exists(): raise FileNotFoundError(f"{run.data/f'{s}.txt'} is missing; run the data stage first")
+        if not (run/"data"/f"{s}.txt").exists(): raise FileNotFoundError(f"{run/'data'/f'{s}.txt'} is missing; run the data stage first")
     t0 = time.perf_counter(); cfg = run.preset.tokenizer
-    tok = train_bpe((run.data/"train.txt").read_text(encoding="utf-8"), cfg.vocab_size, cfg.min_frequency)
+    tok = train_bpe((run/"data"/"train.txt").read_text(encoding="utf-8"), cfg.vocab_size, cfg.min_frequency)
     train_s = time.perf_counter() - t0
-    save_tokenizer(to_hf(tok), run.tokenizer)
-    meta = write_tokens(run.tokenizer, run.data, run.tokens)
+    save_tokenizer(to_hf(tok), run/"tokenizer")
+    meta = write_tokens(run/"tokenizer", run/"data", run/"tokens")
     summary = {"vocab_size": meta["vocab_size"], "train_seconds": round(train_s, 2), "tokens": meta["tokens"],
                "bytes_per_token": meta["bytes_per_token"], "tokenizer_sha256": meta["tokenizer_sha256"][:12]}
-    run.mark_done("tokenizer", summary, round(time.perf_counter() - t0, 2))
     return summary

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .config import (OPTIMIZERS, ModelConfig, Run, TrainConfig, amp_dtype, atomic_path, atomic_write, autocast, atomic_dir,
                             get_preset, pick_device, seed_everything, stable_hash)
 from .model import MicroLM, save_model
+from .stages import stage_body, stage_key
 
 # %% auto #0
 __all__ = ['lr_at', 'param_groups', 'muon_split', 'Optimizers', 'make_optimizer', 'TokenWindows', 'eval_windows',
@@ -429,36 +430,32 @@ def train(model: nn.Module,                 # any module whose forward(x) return
 # %% ../nbs/05_train.ipynb #6eb85709
 def token_meta(run: Run) -> dict:
     "The token memmaps' `meta.json`, or a clear error naming it."
-    f = run.tokens/"meta.json"
+    f = run/"tokens"/"meta.json"
     if not f.exists(): raise FileNotFoundError(f"{f} not found: run the tokenizer stage first (microlm tokenizer --run {run.root})")
     return json.loads(f.read_text())
 
 def split_bytes_per_token(meta: dict, split: str) -> float:
-    "Bytes of text per token of `split` from the token meta."
-    bpt = meta.get("bytes_per_token")
-    if isinstance(bpt, dict): return float(bpt[split])
-    if isinstance(meta.get("splits"), dict): return float(meta["splits"][split]["bytes_per_token"])
-    if bpt is not None: return float(bpt)
-    raise KeyError(f"token meta has no bytes_per_token for split {split!r}")
+    "Bytes of text per token of `split`, from the token meta that 03_tokenizer's `write_tokens` writes."
+    if split not in meta.get("bytes_per_token", {}): raise KeyError(f"token meta has no bytes_per_token for split {split!r}")
+    return float(meta["bytes_per_token"][split])
 
 # %% ../nbs/05_train.ipynb #f2f88476
+@stage_body("pretrain")
 def pretrain_stage(run: Run, force: bool = False,
                    max_minutes: float | None = None,  # stop early after this much training time (a budget, not a preset field)
                    fit_minutes: float | None = None,  # fit the schedule (fewer steps, fully decayed) to this much training time
                    log_every: int = 10, progress: bool = True) -> dict:
-    "Pretrain `run.preset.model` on the run's token memmaps; writes run.pretrain/{log.jsonl, loss.png, model.safetensors, config.json}."
-    if run.is_current("pretrain") and not force:
-        print("pretrain: up to date"); return run.status("pretrain")["summary"]
+    "Pretrain `run.preset.model` on the run's token memmaps; writes run/'pretrain'/{log.jsonl, loss.png, model.safetensors, config.json}."
     t0, p = time.time(), run.preset
     cfg, mcfg = p.pretrain, p.model
     meta = token_meta(run)
     if meta.get("vocab_size") != mcfg.vocab_size:
-        raise ValueError(f"pretrain: model vocab_size={mcfg.vocab_size} but the tokenizer in {run.tokens/'meta.json'} has "
+        raise ValueError(f"pretrain: model vocab_size={mcfg.vocab_size} but the tokenizer in {run/'tokens'/'meta.json'} has "
                          f"vocab_size={meta.get('vocab_size')}; set model.vocab_size to the tokenizer's")
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise ValueError(f"pretrain: seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={mcfg.max_position_embeddings}")
     rank, world, device = init_distributed()
-    out = run.pretrain
+    out = run/"pretrain"
     if force and rank == 0: shutil.rmtree(out/"ckpt", ignore_errors=True)
     if world > 1: dist.barrier()
     from microlm.tokenizer import load_tokens                 # here, not at the top: the loop itself needs no transformers import
@@ -467,16 +464,14 @@ def pretrain_stage(run: Run, force: bool = False,
     model = MicroLM(mcfg)
     batches = TokenWindows(train_tok, cfg.batch_size, cfg.seq_len, seed=p.seed + 1 + rank)
     valid = eval_windows(valid_tok, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
-    ck_meta = {"config_hash": run.hash("pretrain"), "model_config": asdict(mcfg)}
+    ck_meta = {"config_hash": stage_key(run, "pretrain"), "model_config": asdict(mcfg)}
     s = train(model, batches, cfg, out, valid=valid, bytes_per_token=split_bytes_per_token(meta, "valid"), meta=ck_meta,
               log_every=log_every, max_minutes=max_minutes, progress=progress, desc="pretrain", on_mismatch="restart",
               fit_minutes=None if fit_minutes is None else fit_minutes - (time.time() - t0) / 60)  # the stage's set-up counts too
     summary = {**{k: s[k] for k in ("steps", "tokens", "loss", "val_loss", "val_bpb", "tok_s", "params", "world_size")},
                "minutes": round((time.time() - t0) / 60, 2), **({"max_steps": s["max_steps"]} if s["max_steps"] != cfg.max_steps else {})}
-    if rank == 0:
-        save_model(model, out)
-        if s["steps"] >= s["max_steps"]: run.mark_done("pretrain", summary, time.time() - t0)
-        else: print(f"pretrain: stopped at step {s['steps']}/{s['max_steps']} (time budget); rerun to continue")
+    if rank == 0: save_model(model, out)
+    if s["steps"] < s["max_steps"]: summary["incomplete"] = f"stopped at step {s['steps']}/{s['max_steps']} (time budget)"
     if world > 1: dist.barrier()
     return summary
 

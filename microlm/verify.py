@@ -13,11 +13,13 @@ import numpy as np
 
 from .config import Run, atomic_write
 from .serve import VLLMServer, make_tiny_hf_model, COMPACT_JSON_ARGS
+from .sft import schema_valid
+from .stages import stage_body
 
 # %% auto #0
-__all__ = ['SMOKE_SCHEMA', 'SOAK_KINDS', 'run_async', 'post_raw', 'matches_schema', 'smoke_checks', 'hf_generate_fn',
-           'parity_check', 'random_prompts', 'vllm_bench_serve', 'benchmark', 'shape_key', 'by_shape', 'scaling',
-           'plot_bench', 'default_tasks', 'bounded_schema', 'longest_answer', 'parse_json', 'stability_rounds', 'soak',
+__all__ = ['SMOKE_SCHEMA', 'SOAK_KINDS', 'run_async', 'post_raw', 'smoke_checks', 'hf_generate_fn', 'parity_check',
+           'random_prompts', 'vllm_bench_serve', 'benchmark', 'shape_key', 'by_shape', 'scaling', 'plot_bench',
+           'default_tasks', 'bounded_schema', 'longest_answer', 'parse_json', 'stability_rounds', 'soak',
            'plot_stability', 'stability', 'verify_all', 'deployment_plan', 'own_reference', 'held_out_tasks',
            'verify_stage']
 
@@ -34,31 +36,6 @@ def post_raw(server: VLLMServer, path: str, body: bytes | dict, timeout: float =
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r: return r.status, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e: return e.code, e.read().decode(errors="replace")
-
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-
-def matches_schema(obj, schema: dict) -> bool:
-    "Whether `obj` satisfies a JSON schema (types, enum, const, required, properties, items, bounds)."
-    if "enum" in schema and obj not in schema["enum"]: return False
-    if "const" in schema and obj != schema["const"]: return False
-    t = schema.get("type")
-    if isinstance(t, list): return any(matches_schema(obj, {**schema, "type": x}) for x in t)
-    if t == "integer" and not (isinstance(obj, int) and not isinstance(obj, bool)): return False
-    if t == "number" and not (isinstance(obj, (int, float)) and not isinstance(obj, bool)): return False
-    if t in _TYPES and not isinstance(obj, _TYPES[t]): return False
-    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        if obj < schema.get("minimum", -np.inf) or obj > schema.get("maximum", np.inf): return False
-    if isinstance(obj, str) and not (schema.get("minLength", 0) <= len(obj) <= schema.get("maxLength", np.inf)): return False
-    if isinstance(obj, dict):
-        props = schema.get("properties", {})
-        if any(k not in obj for k in schema.get("required", [])): return False
-        if schema.get("additionalProperties") is False and any(k not in props for k in obj): return False
-        return all(matches_schema(v, props[k]) for k, v in obj.items() if k in props)
-    if isinstance(obj, str) and "pattern" in schema and not re.search(schema["pattern"], obj): return False
-    if isinstance(obj, list):
-        if not schema.get("minItems", 0) <= len(obj) <= schema.get("maxItems", np.inf): return False
-        if "items" in schema: return all(matches_schema(v, schema["items"]) for v in obj)
-    return True
 
 # %% ../nbs/13_verify.ipynb #ced10885
 SMOKE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "count"],
@@ -92,7 +69,7 @@ def _smoke_fns(server: VLLMServer, client, model: str, lora: str | None, schema:
         r = _chat(client, model, msgs, max_tokens=json_tokens,
                   response_format={"type": "json_schema", "json_schema": {"name": "smoke", "schema": schema}})
         text = r.choices[0].message.content
-        return matches_schema(json.loads(text), schema), text
+        return schema_valid(json.loads(text), schema), text
     def lora_differs():
         ids = lambda m: client.completions.create(model=m, prompt="Once upon a time", max_tokens=16, temperature=0,
                                                   extra_body={"return_token_ids": True}).choices[0].token_ids
@@ -404,7 +381,7 @@ async def _round(server, model, tasks, constrained, seed, temperature, concurren
             r = await client.chat.completions.create(model=model, messages=t["messages"], max_tokens=t["max_tokens"], temperature=temperature,
                                                      seed=seed * 10007 + i, **kw)
         obj = parse_json(r.choices[0].message.content or "")
-        return obj is not None, obj is not None and matches_schema(obj, t["schema"]), obj == t["gold"]
+        return obj is not None, obj is not None and schema_valid(obj, t["schema"]), obj == t["gold"]
     rs = await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks)))
     await client.close()
     n = len(rs)
@@ -529,10 +506,10 @@ def verify_all(server: VLLMServer, out_dir: str | Path, serve_cfg=None, tasks: S
 def deployment_plan(run: Run) -> list[dict]:
     "What the pipeline deploys: the own base model with the own LoRA adapter (every preset), and merged SmolLM2 (not on smoke)."
     plan = []
-    if (run.hf/"own_base"/"config.json").exists():
-        ad = run.hf/"own_lora_adapter"
+    if (run/"hf"/"own_base"/"config.json").exists():
+        ad = run/"hf"/"own_lora_adapter"
         plan.append(dict(model="own_base", lora_modules={"own_lora": ad} if (ad/"adapter_config.json").exists() else None, own=True))
-    if run.preset.name != "smoke" and (run.hf/"smol_lora"/"config.json").exists():
+    if run.preset.name != "smoke" and (run/"hf"/"smol_lora"/"config.json").exists():
         plan.append(dict(model="smol_lora", lora_modules=None, own=False))
     return plan
 
@@ -547,36 +524,34 @@ def held_out_tasks(run: Run) -> list[dict]:
     "The evaluation's held-out structured prompts (without their answers), each with the token budget the own context leaves."
     from microlm.evaluate import eval_examples
     from microlm.tokenizer import load_tokenizer
-    tok, ctx, out = load_tokenizer(run.tokenizer), run.preset.model.max_position_embeddings, []
+    tok, ctx, out = load_tokenizer(run/"tokenizer"), run.preset.model.max_position_embeddings, []
     for e in eval_examples(run):
         prompt = e["messages"][:-1]
         n = len(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
         out.append(dict(messages=prompt, schema=e["schema"], gold=e["gold"], max_tokens=max(1, ctx - n)))
     return out
 
+@stage_body("verify")
 def verify_stage(run: Run, force: bool = False, model: str | None = None, lora_modules: dict | None = None,
                  tasks: Sequence[dict] | None = None, reference_fn: Callable | None = None) -> dict:
-    "Serve the run's exported models with vLLM and verify them into `run.verify/` (the pipeline's deployment stage)."
-    if run.is_current("verify") and not force:
-        print("verify: up to date"); return run.status("verify")["summary"]
+    "Serve the run's exported models with vLLM and verify them into `run/'verify'/` (the pipeline's deployment stage)."
     if model is None:
         plan = deployment_plan(run)
-        if not plan: raise FileNotFoundError(f"{run.hf/'own_base'/'config.json'} not found: run the export stage first")
+        if not plan: raise FileNotFoundError(f"{run/'hf'/'own_base'/'config.json'} not found: run the export stage first")
     else:
-        if not (run.hf/model/"config.json").exists(): raise FileNotFoundError(f"{run.hf/model/'config.json'} not found: run the export stage first")
+        if not (run/"hf"/model/"config.json").exists(): raise FileNotFoundError(f"{run/'hf'/model/'config.json'} not found: run the export stage first")
         plan = [dict(model=model, lora_modules=lora_modules, own=reference_fn is not None)]
-    if tasks is None and (run.sft/"tasks_test.jsonl").exists():
+    if tasks is None and (run/"sft"/"tasks_test.jsonl").exists():
         tasks = held_out_tasks(run)
     t0, cfg, summary = time.time(), run.preset.serve, {}
-    run.verify.mkdir(parents=True, exist_ok=True)
+    (run/"verify").mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(plan):
-        out = run.verify if i == 0 else run.verify/p["model"]
+        out = run/"verify" if i == 0 else run/"verify"/p["model"]
         out.mkdir(parents=True, exist_ok=True)
         ref = reference_fn or (own_reference(run) if p["own"] and model is None else None)
-        with VLLMServer(run.hf/p["model"], served_name=p["model"], lora_modules=p["lora_modules"], kv_cache_gib=cfg.kv_cache_gib,
+        with VLLMServer(run/"hf"/p["model"], served_name=p["model"], lora_modules=p["lora_modules"], kv_cache_gib=cfg.kv_cache_gib,
                         enforce_eager=cfg.enforce_eager, startup_timeout=cfg.startup_timeout, extra_args=COMPACT_JSON_ARGS,
                         log_path=out/"server.log", dtype="float32" if p["own"] else "auto") as server:
             summary[p["model"]] = verify_all(server, out, cfg if p["own"] else cfg.for_pretrained(), tasks, ref)
     summary = {"deployed": [p["model"] for p in plan], **summary}
-    run.mark_done("verify", summary, round(time.time() - t0, 1))
     return summary

@@ -11,6 +11,7 @@ from microlm.config import SMOKE, Run
 from microlm.data import (EOT, POEMS, SPLITS, build_splits, clean, data_stage, decode_bytes, drop_exact_duplicates,
                           drop_near_duplicates, load_source, normalize_whitespace, read_docs, read_jsonl, read_shakespeare,
                           split_groups)
+from microlm.stages import is_current
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,58 +71,58 @@ def test_no_group_in_two_splits(smoke_run):
 
 def test_txt_matches_manifest(smoke_run):
     run, summary = smoke_run
-    manifest = json.loads((run.data/"manifest.json").read_text())
+    manifest = json.loads((run/"data"/"manifest.json").read_text())
     for s in SPLITS:
-        texts = (run.data/f"{s}.txt").read_text(encoding="utf-8").split(EOT)
+        texts = (run/"data"/f"{s}.txt").read_text(encoding="utf-8").split(EOT)
         entries = [m for m in manifest if m["split"] == s]
         assert len(texts) == len(entries) == summary["docs"][s]
         assert [len(t) for t in texts] == [m["chars"] for m in entries]
         assert sum(map(len, texts)) == summary["chars"][s]
-    stats = json.loads((run.data/"stats.json").read_text())
+    stats = json.loads((run/"data"/"stats.json").read_text())
     assert stats["splits"]["train"]["docs"] == summary["docs"]["train"]
     assert [r["step"] for r in stats["cleaning"]][1:] == ["whitespace", "exact duplicates", "near duplicates", "length"]
-    assert (run.data/"lengths.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run/"data"/"lengths.png").read_bytes()[:4] == b"\x89PNG"
 
 def test_deterministic_across_runs(smoke_run, tmp_path):
     run, _ = smoke_run
     other = Run(tmp_path/"again", "smoke"); data_stage(other)
     for f in ("train.txt", "valid.txt", "test.txt", "manifest.json"):
-        assert (run.data/f).read_bytes() == (other.data/f).read_bytes(), f
+        assert (run/"data"/f).read_bytes() == (other/"data"/f).read_bytes(), f
 
 def test_up_to_date_is_a_noop(smoke_run, capsys):
     run, summary = smoke_run
-    before = snapshot(run.data)
+    before = snapshot(run/"data")
     assert data_stage(run) == summary
     assert "data: up to date" in capsys.readouterr().out
-    assert snapshot(run.data) == before
+    assert snapshot(run/"data") == before
 
 def test_config_change_redoes(tmp_path):
     src = str(local_corpus(tmp_path/"corpus", 12))   # a small local corpus keeps this test quick
     run = Run(tmp_path/"run", preset(source=src, min_chars=50, max_docs=10))
-    s1 = data_stage(run); before = snapshot(run.data)
+    s1 = data_stage(run); before = snapshot(run/"data")
     assert sum(s1["docs"].values()) == 10
     run2 = Run(run.root, preset(source=src, min_chars=50, max_docs=12))
-    assert not run2.is_current("data")
+    assert not is_current(run2, "data")
     s2 = data_stage(run2)
-    assert sum(s2["docs"].values()) == 12 and snapshot(run2.data) != before
-    assert run2.is_current("data") and not Run(run.root, preset(source=src, min_chars=50, max_docs=10)).is_current("data")
-    before = snapshot(run2.data); time.sleep(0.01)
+    assert sum(s2["docs"].values()) == 12 and snapshot(run2/"data") != before
+    assert is_current(run2, "data") and not is_current(Run(run.root, preset(source=src, min_chars=50, max_docs=10)), "data")
+    before = snapshot(run2/"data"); time.sleep(0.01)
     data_stage(run2, force=True)
-    assert {k: v[1] for k, v in snapshot(run2.data).items()} != {k: v[1] for k, v in before.items()}
+    assert {k: v[1] for k, v in snapshot(run2/"data").items()} != {k: v[1] for k, v in before.items()}
 
 def test_failure_leaves_old_data_intact(tmp_path, monkeypatch):
     src = str(local_corpus(tmp_path/"corpus", 8))
     run = Run(tmp_path/"run", preset(source=src, min_chars=50)); data_stage(run)
-    before = snapshot(run.data)
+    before = snapshot(run/"data")
     written = []
     def boom(*a, **k):   # fails after the new .txt files were written into the temporary folder
         written.extend(p.name for p in (tmp_path/"run").glob(".data.*.tmp/*.txt")); raise RuntimeError("plot failed midway")
     monkeypatch.setattr(D, "plot_data", boom)
     with pytest.raises(RuntimeError, match="midway"): data_stage(Run(run.root, preset(source=src, min_chars=50, max_docs=5)))
     assert sorted(written) == ["test.txt", "train.txt", "valid.txt"]   # it really failed midway
-    assert snapshot(run.data) == before                                # old files untouched
+    assert snapshot(run/"data") == before                                # old files untouched
     assert sorted(p.name for p in run.root.iterdir()) == [".stages", "config.json", "data"]  # no temporary folder left
-    assert run.is_current("data")                                      # and the old marker still describes them
+    assert is_current(run, "data")                                      # and the old marker still describes them
 
 def test_folio_stays_with_its_play():
     splits, stats = build_splits(replace(SMOKE.data, folio=True), SMOKE.seed)
@@ -164,7 +165,7 @@ def test_local_folder_and_non_utf8(tmp_path):
     (src/"latin1.txt").write_bytes(b"caf\xe9 " * 100 + b"\xff end\n")
     run = Run(tmp_path/"run", preset(source=str(src), min_chars=50))
     summary = data_stage(run)
-    stats = json.loads((run.data/"stats.json").read_text())
+    stats = json.loads((run/"data"/"stats.json").read_text())
     assert sum(summary["docs"].values()) == 7
     assert stats["replaced_chars"] == summary["replaced_chars"] == 101 and stats["replaced_by_doc"] == {"latin1": 101}
     assert any("\ufffd" in d["text"] for s in SPLITS for d in read_docs(run, s))
@@ -200,7 +201,7 @@ def test_empty_after_cleaning_names_the_filter(tmp_path):
     src = local_corpus(tmp_path/"corpus", 3)
     run = Run(tmp_path/"run", preset(source=str(src), min_chars=10_000))
     with pytest.raises(ValueError, match=r"step 'length' \(min_chars=10000"): data_stage(run)
-    assert not run.data.exists() and not run.is_current("data")
+    assert not (run/"data").exists() and not is_current(run, "data")
 
 def test_bad_unicode_form():
     ds = Dataset.from_dict(dict(name=["a"], text=["x" * 10], group=["a"]))
@@ -234,7 +235,7 @@ def test_too_few_groups_warns(tmp_path):
     run = Run(tmp_path/"run", preset(source=str(src), min_chars=50))
     with pytest.warns(UserWarning, match="valid and test split empty"): summary = data_stage(run)
     assert summary["docs"] == {"train": 2, "valid": 0, "test": 0}
-    assert read_docs(run, "valid") == [] and (run.data/"valid.txt").read_text() == ""
+    assert read_docs(run, "valid") == [] and (run/"data"/"valid.txt").read_text() == ""
 
 def test_hidden_files_are_skipped(tmp_path):
     src = local_corpus(tmp_path/"corpus", 3)

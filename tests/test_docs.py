@@ -13,7 +13,7 @@ def test_docs_site_builds_with_a_page_per_notebook(tmp_path):
     assert set(nbs) <= pages, f"notebooks without a page: {sorted(set(nbs) - pages)}"
     index = (out/"index.html").read_text()
     # the sidebar lists the stages in pipeline order
-    order = re.findall(r'href="(?:\./)?(\d\d_\w+)\.html"', index)
+    order = re.findall(r'href="(?:\./)?(\d\d[a-z]?_\w+)\.html"', index)
     seen = list(dict.fromkeys(order))
     assert seen == sorted(seen) and len(seen) >= len(nbs) - 1, seen
     cfg = (out/"00_config.html").read_text()

@@ -117,7 +117,7 @@ def test_initial_loss_and_residual_init():
 
 def greedy_cached(model, ids, am, n):
     cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
-    logits = [model(ids, attention_mask=am, cache=cache, last_only=True).logits[:, -1]]
+    logits = [model(ids, attention_mask=am, cache=cache, logits_to_keep=1).logits[:, -1]]
     toks = [logits[-1].argmax(-1)]
     for _ in range(n - 1):
         logits.append(model(toks[-1][:, None], cache=cache).logits[:, -1]); toks.append(logits[-1].argmax(-1))
@@ -189,8 +189,8 @@ def test_logits_to_keep():
     with torch.no_grad():
         full = m(ids).logits
         assert torch.allclose(m(ids, logits_to_keep=3).logits, full[:, -3:], atol=1e-6)
-        assert torch.allclose(m(ids, last_only=True).logits, full[:, -1:], atol=1e-6)
-    with pytest.raises(ValueError, match="labels"): m(ids, labels=ids, last_only=True)
+        assert torch.allclose(m(ids, logits_to_keep=1).logits, full[:, -1:], atol=1e-6)
+    with pytest.raises(ValueError, match="labels"): m(ids, labels=ids, logits_to_keep=1)
 
 
 def test_positions_and_mask():
@@ -301,7 +301,7 @@ def test_targets_path_equals_labels_path_and_gradients():
     for a, b in zip(torch.autograd.grad(out.loss, list(m.parameters())), ref_g): assert (a - b).abs().max() < 1e-5
     with pytest.raises(ValueError, match="not both"): m(ids, labels=labels, targets=tgt)
     with pytest.raises(ValueError, match="targets shape"): m(ids, targets=tgt[:, :5])
-    with pytest.raises(ValueError, match="every position"): m(ids, targets=tgt, last_only=True)
+    with pytest.raises(ValueError, match="every position"): m(ids, targets=tgt, logits_to_keep=1)
 
 
 def test_bf16_autocast_training_loss_close_to_fp32():

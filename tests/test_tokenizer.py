@@ -12,6 +12,7 @@ from microlm.data import EOT, data_stage
 from microlm.tokenizer import (CHAT_TEMPLATE, EOT_ID, IM_END_ID, IM_START_ID, PAD_ID, SPECIAL_TOKENS, SPLITS, STOP_TOKENS,
                                check_chat_template, decode, encode, encode_docs, load_tokenizer, load_tokens, save_tokenizer,
                                stop_ids, to_hf, token_dtype, tokenizer_stage, train_bpe)
+from microlm.stages import read_marker
 
 ADVERSARIAL = ["", " ", " leading space", "trailing space ", "👩🏽‍🚀 👨‍👩‍👧‍👦 🇬🇧 🏳️‍🌈", "日本語のテキストと中文、한국어",
                "e\u0301 vs \u00e9, A\u030a vs \u00c5, \u0915\u094d\u0937", "שלום עולם, مرحبا بالعالم \u202eRTL\u202c",
@@ -35,10 +36,10 @@ def staged(tmp_path_factory):
     return run, tokenizer_stage(run)
 
 @pytest.fixture(scope="module")
-def tok(staged): return load_tokenizer(staged[0].tokenizer).backend_tokenizer
+def tok(staged): return load_tokenizer((staged[0]/"tokenizer")).backend_tokenizer
 
 @pytest.fixture(scope="module")
-def hf(staged): return AutoTokenizer.from_pretrained(str(staged[0].tokenizer))
+def hf(staged): return AutoTokenizer.from_pretrained(str((staged[0]/"tokenizer")))
 
 
 # ---- training and bad input ----
@@ -89,7 +90,7 @@ def test_roundtrip_random_unicode(tok):
         assert decode(tok, encode(tok, s)) == s
 
 def test_roundtrip_whole_valid_split(tok, staged):
-    text = (staged[0].data/"valid.txt").read_text()
+    text = ((staged[0]/"data")/"valid.txt").read_text()
     ids = encode(tok, text)
     assert decode(tok, ids) == text
     assert ids.count(EOT_ID) == text.count(EOT)
@@ -111,7 +112,7 @@ def test_decode_mid_character(tok, hf):
     assert decode(tok, ids) == "日本"
 
 def test_encode_docs_equals_encode(tok, staged):
-    text = (staged[0].data/"test.txt").read_text()[:200_000] + EOT + " tail" + EOT
+    text = ((staged[0]/"data")/"test.txt").read_text()[:200_000] + EOT + " tail" + EOT
     ids = encode_docs(tok, text, np.uint16)
     assert ids.dtype == np.uint16 and ids.tolist() == encode(tok, text)
 
@@ -119,11 +120,11 @@ def test_encode_docs_equals_encode(tok, staged):
 # ---- Hugging Face files and the chat template ----
 
 def test_autotokenizer_loads(staged, hf):
-    files = {p.name for p in staged[0].tokenizer.iterdir()}
+    files = {p.name for p in (staged[0]/"tokenizer").iterdir()}
     assert {"tokenizer.json", "tokenizer_config.json"} <= files
     assert (hf.eos_token, hf.pad_token, hf.bos_token, hf.unk_token) == ("<|im_end|>", "<|pad|>", None, None)
-    assert json.loads((staged[0].tokenizer/"tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is False
-    assert hf("To be")["input_ids"] == encode(load_tokenizer(staged[0].tokenizer).backend_tokenizer, "To be")
+    assert json.loads(((staged[0]/"tokenizer")/"tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is False
+    assert hf("To be")["input_ids"] == encode(load_tokenizer((staged[0]/"tokenizer")).backend_tokenizer, "To be")
 
 def test_chat_template_renders(hf):
     assert hf.apply_chat_template(CHAT[:3], tokenize=False) == (
@@ -172,11 +173,11 @@ def test_token_dtype():
 
 def test_bins_decode_to_txt(staged, tok):
     run, summary = staged
-    meta = json.loads((run.tokens/"meta.json").read_text())
+    meta = json.loads((run/"tokens"/"meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 1024
     for s in SPLITS:
         ids = load_tokens(run, s)
-        text = (run.data/f"{s}.txt").read_text()
+        text = (run/"data"/f"{s}.txt").read_text()
         assert isinstance(ids, np.memmap) and ids.dtype == np.uint16 and len(ids) == meta["tokens"][s] == summary["tokens"][s]
         assert decode(tok, ids) == text  # byte for byte
         assert abs(meta["bytes_per_token"][s] - len(text.encode()) / len(ids)) < 1e-3
@@ -185,14 +186,14 @@ def test_bins_decode_to_txt(staged, tok):
 
 def test_stage_up_to_date_is_noop(staged, capsys):
     run, summary = staged
-    before = {p: p.stat().st_mtime_ns for d in (run.tokenizer, run.tokens) for p in d.iterdir()}
+    before = {p: p.stat().st_mtime_ns for d in (run/"tokenizer", run/"tokens") for p in d.iterdir()}
     assert tokenizer_stage(run) == summary
     assert "up to date" in capsys.readouterr().out
-    assert before == {p: p.stat().st_mtime_ns for d in (run.tokenizer, run.tokens) for p in d.iterdir()}
+    assert before == {p: p.stat().st_mtime_ns for d in (run/"tokenizer", run/"tokens") for p in d.iterdir()}
 
 def test_meta_mismatch_detected(staged):
     run, _ = staged
-    mpath = run.tokens/"meta.json"; good = mpath.read_text(); meta = json.loads(good)
+    mpath = run/"tokens"/"meta.json"; good = mpath.read_text(); meta = json.loads(good)
     try:
         mpath.write_text(json.dumps({**meta, "vocab_size": 1023}))
         with pytest.raises(ValueError, match=r"vocab_size=1023.*1024"): load_tokens(run, "valid")
@@ -210,8 +211,8 @@ def test_other_tokenizer_detected(staged, tmp_path):
     run, _ = staged
     other = Run(tmp_path/"other", preset(vocab_size=1023))
     import shutil
-    shutil.copytree(run.tokens, other.tokens)
-    save_tokenizer(to_hf(train_bpe((run.data/"valid.txt").read_text(), 1023)), other.tokenizer)
+    shutil.copytree(run/"tokens", other/"tokens")
+    save_tokenizer(to_hf(train_bpe((run/"data"/"valid.txt").read_text(), 1023)), other/"tokenizer")
     with pytest.raises(ValueError, match="sha256"): load_tokens(other, "train")
 
 def test_stage_missing_data(tmp_path):
@@ -222,27 +223,27 @@ def test_stage_missing_data(tmp_path):
 def test_trains_on_train_split_only(tmp_path):
     "A string that fills the validation split but never occurs in training must not become a token."
     run = Run(tmp_path, preset(vocab_size=300))
-    run.data.mkdir(parents=True)
-    (run.data/"train.txt").write_text(EOT.join(["the cat sat on the mat. " * 40, "a dog and a cat. " * 40]))
-    (run.data/"valid.txt").write_text("qzqzqzqz " * 2000)
-    (run.data/"test.txt").write_text("")
+    (run/"data").mkdir(parents=True)
+    (run/"data"/"train.txt").write_text(EOT.join(["the cat sat on the mat. " * 40, "a dog and a cat. " * 40]))
+    (run/"data"/"valid.txt").write_text("qzqzqzqz " * 2000)
+    (run/"data"/"test.txt").write_text("")
     s = tokenizer_stage(run)
-    vocab = load_tokenizer(run.tokenizer).get_vocab()
+    vocab = load_tokenizer(run/"tokenizer").get_vocab()
     assert not any("qz" in t for t in vocab) and any("cat" in t for t in vocab)
     assert s["tokens"]["test"] == 0 and len(load_tokens(run, "test")) == 0
-    assert decode(load_tokenizer(run.tokenizer).backend_tokenizer, load_tokens(run, "valid")) == "qzqzqzqz " * 2000
-    assert run.is_current("tokenizer")
+    assert decode(load_tokenizer(run/"tokenizer").backend_tokenizer, load_tokens(run, "valid")) == "qzqzqzqz " * 2000
+    assert read_marker(run, "tokenizer")["summary"] == s   # the registry recorded it
 
 @pytest.mark.filterwarnings("ignore:train_bpe")
 def test_failed_stage_leaves_old_outputs(staged, tmp_path, monkeypatch):
     import microlm.tokenizer as T
     run = Run(tmp_path, preset(vocab_size=300))
-    run.data.mkdir(parents=True)
-    for s in SPLITS: (run.data/f"{s}.txt").write_text("the cat sat on the mat. " * 40)
+    (run/"data").mkdir(parents=True)
+    for s in SPLITS: (run/"data"/f"{s}.txt").write_text("the cat sat on the mat. " * 40)
     tokenizer_stage(run)
-    old = (run.tokens/"train.bin").read_bytes()
+    old = (run/"tokens"/"train.bin").read_bytes()
     def boom(*a, **k): raise RuntimeError("disk full")
     monkeypatch.setattr(T, "encode_docs", boom)
     with pytest.raises(RuntimeError, match="disk full"): tokenizer_stage(run, force=True)
-    assert (run.tokens/"train.bin").read_bytes() == old
-    assert sorted(p.name for p in run.tokens.iterdir()) == ["meta.json", "test.bin", "train.bin", "valid.bin"]
+    assert (run/"tokens"/"train.bin").read_bytes() == old
+    assert sorted(p.name for p in (run/"tokens").iterdir()) == ["meta.json", "test.bin", "train.bin", "valid.bin"]

@@ -12,6 +12,7 @@ from microlm.config import SMOKE, DataConfig, ModelConfig, Run, TrainConfig, sta
 from microlm.model import MicroLM, load_model
 from microlm.train import (CheckpointError, CheckpointMismatch, TokenWindows, eval_windows, latest_checkpoint, list_checkpoints,
                            Optimizers, fit_steps, lr_at, make_optimizer, muon_split, param_groups, pretrain_stage, read_checkpoint, read_log, train)
+from microlm.stages import is_current, stage_key
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -263,13 +264,13 @@ def test_pretrain_stage_smoke(smoke_run):
     run = smoke_run
     s = pretrain_stage(run, progress=False)
     assert s["steps"] == run.preset.pretrain.max_steps and {"val_loss", "val_bpb", "tokens", "tok_s", "params", "minutes"} <= set(s)
-    ev = [r for r in read_log(run.pretrain/"log.jsonl") if "val_loss" in r]
+    ev = [r for r in read_log(run/"pretrain"/"log.jsonl") if "val_loss" in r]
     assert ev[-1]["val_loss"] < ev[0]["val_loss"] - 1.0, ev                       # loss falls (from ~ln 1024 = 6.9)
-    bpt = json.loads((run.tokens/"meta.json").read_text())["bytes_per_token"]["valid"]
+    bpt = json.loads((run/"tokens"/"meta.json").read_text())["bytes_per_token"]["valid"]
     assert s["val_bpb"] == pytest.approx(s["val_loss"] / math.log(2) / bpt, rel=1e-3)
-    m = load_model(run.pretrain)
-    assert m.cfg == run.preset.model and (run.pretrain/"loss.png").exists()
-    assert run.is_current("pretrain") and pretrain_stage(run) == s                # current: returns at once
+    m = load_model(run/"pretrain")
+    assert m.cfg == run.preset.model and (run/"pretrain"/"loss.png").exists()
+    assert is_current(run, "pretrain") and pretrain_stage(run) == s                # current: returns at once
 
 
 def test_pretrain_stage_errors(smoke_run, tmp_path):
@@ -288,9 +289,9 @@ def test_pretrain_stage_restarts_over_other_config(smoke_run, tmp_path, capsys):
     other = Run(dst, replace(smoke_run.preset, pretrain=replace(smoke_run.preset.pretrain, lr=1e-3)))
     s = pretrain_stage(other, progress=False, log_every=1)
     assert "starting over" in capsys.readouterr().out
-    log = read_log(other.pretrain/"log.jsonl")
+    log = read_log(other/"pretrain"/"log.jsonl")
     assert [r for r in log if "loss" in r][0]["step"] == 1 and s["steps"] == other.preset.pretrain.max_steps  # not resumed at 40
-    assert all(json.loads((c/"meta.json").read_text())["config_hash"] == other.hash("pretrain") for c in list_checkpoints(other.pretrain/"ckpt"))
+    assert all(json.loads((c/"meta.json").read_text())["config_hash"] == stage_key(other, "pretrain") for c in list_checkpoints(other/"pretrain"/"ckpt"))
 
 
 def _copy_inputs(run, dst):

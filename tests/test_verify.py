@@ -6,9 +6,9 @@ import pytest
 
 from microlm.config import Run
 from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, make_tiny_hf_model, session_pids
-from microlm.sft import SCHEMAS
+from microlm.sft import SCHEMAS, schema_valid
 from microlm.verify import (SMOKE_SCHEMA, _cut, _worst_len, _bounded, benchmark, bounded_schema, default_tasks, hf_generate_fn,
-                            longest_answer, matches_schema, parity_check, parse_json, post_raw, random_prompts, smoke_checks, stability,
+                            longest_answer, parity_check, parse_json, post_raw, random_prompts, smoke_checks, stability,
                             stability_rounds, verify_stage)
 
 
@@ -25,14 +25,14 @@ def server(tiny):
     assert session_pids(srv.last_pid) == []
 
 
-def test_matches_schema():
+def test_schema_valid():
     ok = {"answer": "yes", "count": 3}
-    assert matches_schema(ok, SMOKE_SCHEMA)
+    assert schema_valid(ok, SMOKE_SCHEMA)
     for bad in ({"answer": "yes"}, {"answer": "y", "count": 3}, {"answer": "no", "count": 10}, {"answer": "no", "count": True},
                 {"answer": "no", "count": 1, "extra": 0}, [ok], "yes"):
-        assert not matches_schema(bad, SMOKE_SCHEMA), bad
-    assert matches_schema([1, 2], {"type": "array", "items": {"type": "integer"}})
-    assert not matches_schema([1, "a"], {"type": "array", "items": {"type": "integer"}})
+        assert not schema_valid(bad, SMOKE_SCHEMA), bad
+    assert schema_valid([1, 2], {"type": "array", "items": {"type": "integer"}})
+    assert not schema_valid([1, "a"], {"type": "array", "items": {"type": "integer"}})
 
 
 def test_parse_json_and_cut():
@@ -53,13 +53,13 @@ def test_bounded_schema_fits_every_budget():
             assert b is not None and "_chars" not in json.dumps(b) and b["additionalProperties"] is False, (kind, budget)
             a = longest_answer(b)
             assert len(json.dumps(a, separators=(",", ":"))) <= budget, (kind, budget, a)
-            assert matches_schema(a, b) and matches_schema(a, schema), (kind, budget, a)
+            assert schema_valid(a, b) and schema_valid(a, schema), (kind, budget, a)
     user = {"type": "object", "properties": {"name": {"type": "string", "minLength": 2, "maxLength": 5}}}
     b = bounded_schema(user, 60)                          # a schema's own length bound is kept, inside the pattern
     assert "maxLength" not in b["properties"]["name"] and longest_answer(b) == {"name": "WWWWW"}
     b = bounded_schema(SCHEMAS["to_json"], 200)
-    assert matches_schema({"lines": [{"speaker": "KING", "text": "What news?"}]}, b)
-    assert not matches_schema({"lines": [{"speaker": "KING", "text": 'say "hi"'}]}, b)  # quotes would need escapes: refused
+    assert schema_valid({"lines": [{"speaker": "KING", "text": "What news?"}]}, b)
+    assert not schema_valid({"lines": [{"speaker": "KING", "text": 'say "hi"'}]}, b)  # quotes would need escapes: refused
 
 
 def test_constrained_rounds_parse_with_tight_budgets(server):

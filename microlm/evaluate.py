@@ -291,7 +291,6 @@ def evaluate_models(run: Run, names=LEADERBOARD, lm_models=("own_base", "own_sft
 @stage_body("eval")
 def eval_stage(run: Run, force: bool = False) -> dict:
     "Evaluate smol_base, smol_lora, own_sft and own_lora of `run` into run/'eval'/ (leaderboard, judgement, CSV, plots)."
-    t0 = time.time()
     lb = evaluate_models(run)
     summary = {m: {k: round(lb[m][k], 4) for k in (*METRICS, "precision", "recall")} for m in LEADERBOARD}
     summary["best"] = max(LEADERBOARD, key=lambda m: (lb[m]["f1"], lb[m]["exact"]))

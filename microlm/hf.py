@@ -309,7 +309,7 @@ def pretrained_stage(run: Run, force: bool = False, progress: bool = True) -> di
     from microlm.sft import split_tasks
     for s in ("train", "valid"):
         if not (run/"data"/f"{s}.txt").exists(): raise FileNotFoundError(f"{run/'data'/f'{s}.txt'} not found: run the data stage first")
-    t0, cfg = time.time(), run.preset.pretrained
+    cfg = run.preset.pretrained
     base = convert_pretrained(cfg.model)
     tok = AutoTokenizer.from_pretrained(base)
     fits = lambda m: chat_features(tok, m, cfg.seq_len) is not None

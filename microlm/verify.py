@@ -543,7 +543,7 @@ def verify_stage(run: Run, force: bool = False, model: str | None = None, lora_m
         plan = [dict(model=model, lora_modules=lora_modules, own=reference_fn is not None)]
     if tasks is None and (run/"sft"/"tasks_test.jsonl").exists():
         tasks = held_out_tasks(run)
-    t0, cfg, summary = time.time(), run.preset.serve, {}
+    cfg, summary = run.preset.serve, {}
     (run/"verify").mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(plan):
         out = run/"verify" if i == 0 else run/"verify"/p["model"]

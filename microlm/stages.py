@@ -149,16 +149,25 @@ def stage_key(run: Run, name: str) -> str:
 # %% ../nbs/00a_stages.ipynb #bb7e7be0
 def _running_path(run: Run, name: str) -> Path: return run/".stages"/f"{name}.running"
 
-def stale_reason(run: Run, name: str) -> str | None:
+def stale_reason(run: Run, name: str,
+                 memo: dict | None = None, # answers already found in this check (each upstream stage is judged once)
+                ) -> str | None:
     "Why stage `name` is not current, in words; None when it is."
+    memo = {} if memo is None else memo
+    if name not in memo: memo[name] = _stale_reason(run, name, memo)
+    return memo[name]
+
+def _stale_reason(run: Run, name: str, memo: dict) -> str | None:
     stage, m = get_stage(name), read_marker(run, name)
     if m is None:
-        return "interrupted: started, never finished" if _running_path(run, name).exists() else "never run"
+        try: running = json.loads(_running_path(run, name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError): return "never run"
+        return f"paused: {running['paused']}" if "paused" in running else "interrupted: started, never finished"
     if "outputs" not in m: return "made by an older microlm (no fingerprints)"
     changed = [k for k, h in config_hashes(run.preset, stage).items() if m["config"].get(k) != h]
     if changed: return f"config changed: {', '.join(changed)}"
     for d in stage.deps:
-        if (why := stale_reason(run, d)) is not None: return f"upstream stage {d} is not current ({why})"
+        if (why := stale_reason(run, d, memo)) is not None: return f"upstream stage {d} is not current ({why})"
     moved = [d for d, h in upstream_digests(run, stage).items() if h != m["upstream"].get(d)]
     if moved: return f"input changed: {', '.join(moved)} made new outputs"
     now = input_scans(run, stage, m["inputs"])
@@ -181,9 +190,11 @@ def execute(run: Run, name: str, body: Callable, force: bool = False, log: Calla
         return read_marker(run, name)["summary"]
     log(f"{step}{name}: running ({why})")
     t0, fp = time.time(), fingerprint(run, name)      # inputs as they were when the work began
-    if _rank0(): atomic_write(_running_path(run, name), {"started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    running = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if _rank0(): atomic_write(_running_path(run, name), running)
     summary = body(run, force=force, **kw)
     if summary.get("incomplete"):
+        if _rank0(): atomic_write(_running_path(run, name), dict(running, paused=summary["incomplete"]))
         log(f"{step}{name}: paused ({summary['incomplete']}); run it again to continue")
         return summary
     if _rank0():
@@ -222,9 +233,9 @@ def ensure(run: Run, name: str, force: bool = False, log: Callable = print) -> d
 
 def status_table(run: Run) -> str:
     "Each stage of `run`: current or not, and why not."
-    rows = [f"run {run.root} (preset {run.preset.name})"]
+    rows, memo = [f"run {run.root} (preset {run.preset.name})"], {}
     for s in STAGES:
-        why, m = stale_reason(run, s), read_marker(run, s)
+        why, m = stale_reason(run, s, memo), read_marker(run, s)
         state = "current" if why is None else "not run" if m is None else "stale"
         note = f"finished {m['finished']}" if why is None else "" if why == "never run" else why
         rows.append(f"  {s:<11} {state:<8} {note}".rstrip())

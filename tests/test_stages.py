@@ -113,14 +113,14 @@ def test_interrupted_and_incomplete(tmp_path):
     assert stale_reason(run, "data") == "interrupted: started, never finished"
     def paused(run, force=False): return dict(steps=3, incomplete="time budget")
     assert execute(run, "data", paused)["incomplete"] == "time budget"
-    assert read_marker(run, "data") is None and not is_current(run, "data")
+    assert read_marker(run, "data") is None and stale_reason(run, "data") == "paused: time budget"
     def body(run, force=False):
         (run/"data").mkdir(exist_ok=True)
         (run/"data/train.txt").write_text("x")
         return dict(docs=1)
     lines = []
     execute(run, "data", body, log=lines.append)
-    assert lines[0] == "data: running (interrupted: started, never finished)" and is_current(run, "data")
+    assert lines[0] == "data: running (paused: time budget)" and is_current(run, "data")
     assert not (run/".stages/data.running").exists() and read_marker(run, "data")["summary"] == {"docs": 1}
 
 

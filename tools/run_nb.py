@@ -4,7 +4,8 @@
 
 Cells flagged with a `--keep` flag (e.g. `#| slow`: long runs, benchmarks) are not run; they keep
 the outputs they have. Progress bars are switched off (`TQDM_DISABLE`, the `transformers` and hub
-bars), so saved outputs hold results, not frames. Run `nbdev-clean` afterwards.
+bars, and any bar a library draws regardless is dropped), so saved outputs hold results, not frames.
+Run `nbdev-clean` afterwards.
 """
 import argparse, os, re, sys, time
 from pathlib import Path
@@ -25,6 +26,13 @@ def flags(cell) -> set[str]:
     return out
 
 
+def is_progress(out) -> bool:
+    "A progress-bar frame: a widget view (tqdm in JupyterLab) or a stderr stream of tqdm's text frames."
+    if "application/vnd.jupyter.widget-view+json" in out.get("data", {}): return True
+    text = "".join(out.get("text", "")) if out.get("name") == "stderr" else ""
+    return bool(re.search(r"(it/s|s/it)\]|\|\s*\d+/\d+ \[", text))
+
+
 def run(path: Path, keep: set[str], timeout: int) -> float:
     "Execute `path` in a fresh kernel (cwd: its folder), keeping the outputs of cells flagged with `keep`."
     nb = nbformat.read(path, as_version=4)
@@ -35,6 +43,7 @@ def run(path: Path, keep: set[str], timeout: int) -> float:
             f = flags(cell)
             if cell.cell_type != "code" or f & keep or {"eval", "false"} <= f: continue
             client.execute_cell(cell, i)
+            cell.outputs = [o for o in cell.outputs if not is_progress(o)]   # bars are for the live reader, not the docs
     nbformat.write(nb, path)
     return time.time() - t0
 

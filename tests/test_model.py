@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microlm.config import SMOKE, ModelConfig, atomic_write
+from microlm.config import SMOKE, atomic_write
 from microlm.model import (CONFIG, WEIGHTS, MicroLM, count_params, linear_cross_entropy, load_model, lm_loss,
                            positions_and_mask, save_model, to_hf_config)
 

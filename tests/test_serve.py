@@ -1,6 +1,5 @@
 "Invariants of microlm.serve: the command line, process-group shutdown, the watchdog, and a real vLLM server's lifecycle."
 import json, os, signal, subprocess, sys, threading, time
-from pathlib import Path
 
 import pytest
 

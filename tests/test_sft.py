@@ -1,97 +1,11 @@
-"Invariants and bad input for microlm.sft: play parsing, task golds, schema checks, loaders, the loss mask, batching."
-import json, random
+"Invariants and bad input for microlm.sft: conversation loaders, the loss mask, batching."
 import pytest, torch
-from microlm.sft import (KINDS, SCHEMAS, SFTBatches, _corrupt, chat_examples, collate, encode_chat, load_alpaca,
-                         load_conversations, make_task, moves, next_token_xy, numeral, parse_play, play_tasks, schema_errors,
-                         schema_valid)
-
-PLAY = """HAMLET
-
-ACT I.
-
-Scene I. Elsinore. A platform before the Castle.
-
-[Francisco at his post. Enter to him Bernardo.]
-
-Ber.
-Who's there?
-
-Fran.
-Nay, answer me: stand, and unfold yourself.
-
-Ber.
-Long live the king!
-
-[Enter Horatio and Marcellus.]
-
-Hor.
-Friends to this ground.
-
-Mar.
-And liegemen to the Dane.
-
-[Exit.]
-
-ACT 2
-SCENE 1
-[Enter PROSPERO and MIRANDA]
-
-MIRANDA.
-If by your art, my dearest father, you have
-Put the wild waters in this roar, allay them.
-
-PROSPERO
-Be collected:
-No more amazement.
-
-[Exeunt.]
-"""
+from microlm.sft import SFTBatches, chat_examples, collate, encode_chat, load_alpaca, load_conversations, next_token_xy
+from microlm.tokenizer import to_hf, train_bpe
 
 @pytest.fixture(scope="module")
-def tok():
-    from microlm.tokenizer import to_hf, train_bpe
-    return to_hf(train_bpe(PLAY * 20 + '{"speaker":"A","act":1}', vocab_size=400))
-
-def test_numeral_and_parse():
-    assert [numeral(s) for s in ("XIV", "2", "THIRD", "Who")] == [14, 2, 3, None]
-    blocks = parse_play(PLAY)
-    sp = [(b["speaker"], b["act"], b["scene"]) for b in blocks if b["type"] == "speech"]
-    assert sp == [("Ber", 1, 1), ("Fran", 1, 1), ("Ber", 1, 1), ("Hor", 1, 1), ("Mar", 1, 1), ("MIRANDA", 2, 1), ("PROSPERO", 2, 1)]
-    assert [b for b in blocks if b["type"] == "speech"][-1]["lines"] == ["Be collected:", "No more amazement."]
-
-def test_moves():
-    assert moves("[Enter KING, QUEEN, and Attendants.]") == (["KING", "QUEEN", "Attendants"], [])
-    assert moves("[Exit.]", "Mar") == ([], ["Mar"]) and moves("[Exeunt.]") == ([], ["all"])
-    assert moves("[Exeunt all but Hamlet.]") == ([], [])
-
-@pytest.mark.parametrize("seed", range(20))
-def test_every_corruption_breaks_the_schema(seed):
-    gold = {"speaker": "Pol", "act": 2, "scene": 1, "words": 7}
-    broken, how = _corrupt(gold, random.Random(seed))
-    try: obj = json.loads(broken)
-    except json.JSONDecodeError: assert how in ("quote", "brace"); return
-    assert not schema_valid(obj, SCHEMAS["repair"]), (how, broken)
-
-def test_schema_valid_agrees_with_jsonschema():
-    jsonschema = pytest.importorskip("jsonschema")
-    objs = [{"speaker": "A", "first_word": "B", "line_count": 2}, {"speaker": "A", "first_word": "B", "line_count": True},
-            {"speaker": "A", "first_word": "B"}, {"speaker": "A", "first_word": "B", "line_count": 1, "x": 1},
-            {"lines": [{"speaker": "A", "text": "t"}]}, {"lines": [{"speaker": 1, "text": "t"}]}, [], "x"]
-    for o in objs:
-        for k, s in SCHEMAS.items():
-            assert schema_valid(o, s) == jsonschema.Draft202012Validator(s).is_valid(o), (o, k, schema_errors(o, s))
-
-def test_tasks_are_deterministic_valid_and_fit():
-    fits = lambda m: len(m[0]["content"]) + len(m[1]["content"]) <= 260
-    a, da = play_tasks("p", PLAY, 12, seed=1, fits=fits)
-    b, _ = play_tasks("p", PLAY, 12, seed=1, fits=fits)
-    assert a == b and len(a) == 12 and {e["kind"] for e in a} == set(KINDS)
-    for e in a:
-        assert fits(e["messages"]) and schema_valid(e["gold"], e["schema"]) and json.loads(e["messages"][1]["content"]) == e["gold"]
-        if e["kind"] == "format":   # the gold is computed from the text shown
-            shown = e["messages"][0]["content"].split("\n")
-            assert e["gold"]["line_count"] == len(shown) - 2 and shown[2].startswith(e["gold"]["first_word"])
-    assert make_task("extract", parse_play(PLAY), random.Random(0), fits=lambda m: False) is None
+def tok(play):
+    return to_hf(train_bpe(play * 20 + '{"speaker":"A","act":1}', vocab_size=400))
 
 def test_chat_examples():
     c = chat_examples(50, seed=3)

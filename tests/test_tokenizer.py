@@ -1,7 +1,6 @@
 "Invariants and bad input of the tokenizer stage (microlm.tokenizer)."
 import json, random
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
 "Invariants of the training loop: schedule, weight-decay groups, exact resume after SIGKILL, checkpoint errors, DDP, logs."
-import json, math, os, shutil, signal, subprocess, sys, textwrap, warnings
+import json, math, os, shutil, signal, subprocess, sys, textwrap
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -85,7 +85,7 @@ def test_muon_takes_hidden_matrices_only():
 
 
 def test_muon_learns(trained, trained_muon):
-    "Same start, data and schedule as the AdamW run: Muon's validation loss falls (which is better at scale: 05_train)."
+    "Same start, data and schedule as the AdamW run: Muon's validation loss falls (which is better at scale: 06_train)."
     va = [r["val_loss"] for r in read_log(trained[0]/"log.jsonl") if "val_loss" in r]
     vm = [r["val_loss"] for r in read_log(trained_muon[0]/"log.jsonl") if "val_loss" in r]
     assert vm[0] == va[0] and vm[-1] < vm[0] - 0.4 and vm != va, (va, vm)

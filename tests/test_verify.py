@@ -1,14 +1,13 @@
 "microlm.verify against one real vLLM server on the tiny model: smoke, parity, benchmark, stability, and the checkers."
 import json
-from pathlib import Path
 
 import pytest
 
 from microlm.config import Run
 from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, make_tiny_hf_model, session_pids
-from microlm.sft import SCHEMAS, schema_valid
-from microlm.verify import (SMOKE_SCHEMA, _cut, _worst_len, _bounded, benchmark, bounded_schema, default_tasks, hf_generate_fn,
-                            longest_answer, parity_check, parse_json, post_raw, random_prompts, smoke_checks, stability,
+from microlm.tasks import SCHEMAS, schema_valid
+from microlm.verify import (SMOKE_SCHEMA, _cut, _worst_len, _bounded, benchmark, bounded_schema, default_tasks, hf_reference,
+                            longest_answer, parity_check, post_raw, random_prompts, smoke_checks, stability,
                             stability_rounds, verify_stage)
 
 
@@ -35,9 +34,7 @@ def test_schema_valid():
     assert not schema_valid([1, "a"], {"type": "array", "items": {"type": "integer"}})
 
 
-def test_parse_json_and_cut():
-    assert parse_json('Sure: {"a": [1, 2]} trailing') == {"a": [1, 2]}
-    assert parse_json("no json here") is None and parse_json('{"a": ') is None
+def test_cut_and_random_prompts():
     assert _cut([5, 6, 2, 7], {2, 0}) == [5, 6] and _cut([5, 6], {2}) == [5, 6]
     assert random_prompts(2, 5, 100, seed=1) == random_prompts(2, 5, 100, seed=1) != random_prompts(2, 5, 100, seed=2)
     assert all(4 <= t < 100 for p in random_prompts(3, 50, 100) for t in p)
@@ -100,7 +97,7 @@ def test_raw_bad_requests(server):
 
 
 def test_parity_with_transformers(server, tiny):
-    ref = hf_generate_fn(tiny["model"])
+    ref = hf_reference(tiny["model"])
     res = parity_check(server, ref, ["Once upon a time", [7, 8, 9, 10, 11, 12]], max_tokens=12)
     assert res["all_equal"], res["cases"]
     assert all(len(c["vllm"]) > 0 for c in res["cases"])

@@ -1,4 +1,4 @@
-"""The training benchmark of 05_train on a CUDA machine: microlm against `transformers.LlamaForCausalLM`, same config and batch.
+"""The training benchmark of 06_train on a CUDA machine: microlm against `transformers.LlamaForCausalLM`, same config and batch.
 
     PYTHONPATH=. python tools/gpu_bench.py --out gpu_bench.json
 

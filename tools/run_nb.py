@@ -1,6 +1,6 @@
 """Run notebooks top to bottom in a fresh Jupyter kernel, as a reader would, and save their outputs.
 
-    .venv/bin/python tools/run_nb.py nbs/00a_stages.ipynb [more notebooks] [--keep slow]
+    .venv/bin/python tools/run_nb.py nbs/01_stages.ipynb [more notebooks] [--keep slow]
 
 Cells flagged with a `--keep` flag (e.g. `#| slow`: long runs, benchmarks) are not run; they keep
 the outputs they have. Progress bars are switched off (`TQDM_DISABLE`, the `transformers` and hub

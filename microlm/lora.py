@@ -25,14 +25,17 @@ __all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'PEFT_PREFIX', 'LoRALinear', 'lo
 # %% ../nbs/10_lora.ipynb #72e38e12
 class LoRALinear(nn.Module):
     "An `nn.Linear` plus a trainable low-rank update `B @ A * alpha / r`; the base weight is shared and frozen."
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if r <= 0: raise ValueError(f"LoRA rank r must be positive, got {r}")
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
         self.in_features, self.out_features, self.r, self.alpha = base.in_features, base.out_features, r, alpha
         # same Parameters: state_dict keys stay `...q_proj.weight`
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
-        if self.bias is not None: self.bias.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
@@ -41,10 +44,12 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
 
-    def delta_weight(self) -> torch.Tensor: return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged: return F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             # W x + s·B(A x), folded: one activation-sized matmul
             return F.linear(x, self.weight + self.delta_weight(), self.bias)
@@ -64,30 +69,40 @@ class LoRALinear(nn.Module):
             self.weight -= self.delta_weight().to(self.weight.dtype)
             self.merged = False
 
-    def extra_repr(self): return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 # %% ../nbs/10_lora.ipynb #f0a0fe0d
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     "The LoRA layers of `model` by qualified name."
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
+
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     "Freeze `model` and wrap its target linear layers with LoRA, in place; returns the model."
-    if lora_modules(model): raise ValueError("apply_lora: the model already has LoRA layers")
-    for p in model.parameters(): p.requires_grad_(False)
-    targets = [(n, m) for n,
-               m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in cfg.target_modules]
-    if not targets: raise ValueError(f"apply_lora: no nn.Linear named any of {cfg.target_modules} in the model")
+    if lora_modules(model):
+        raise ValueError("apply_lora: the model already has LoRA layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in cfg.target_modules
+    ]
+    if not targets:
+        raise ValueError(f"apply_lora: no nn.Linear named any of {cfg.target_modules} in the model")
     for name, m in targets:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, LoRALinear(m, cfg.r, cfg.alpha, cfg.dropout))
     return model
 
+
 def trainable_table(model: nn.Module) -> list[dict]:
     "Parameters per kind (frozen base, LoRA A/B) and the trainable share."
     seen, rows = set(), {}
     for n, p in model.named_parameters():
-        if id(p) in seen: continue
+        if id(p) in seen:
+            continue
         seen.add(id(p))
         kind = "lora" if ".lora_" in n else "base"
         r = rows.setdefault(kind, dict(kind=kind, params=0, trainable=0))
@@ -103,67 +118,102 @@ def merge_lora(model: nn.Module) -> nn.Module:
     "A copy of `model` with every LoRA layer folded into a plain `nn.Linear`; all parameters trainable again."
     out = copy.deepcopy(model)
     for name, m in lora_modules(out).items():
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
-                        dtype=m.weight.dtype)
+        lin = nn.Linear(
+            m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype
+        )
         lin.weight.copy_(m.weight if m.merged else m.weight + m.delta_weight().to(m.weight.dtype))
-        if m.bias is not None: lin.bias.copy_(m.bias)
+        if m.bias is not None:
+            lin.bias.copy_(m.bias)
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, child, lin)
-    for p in out.parameters(): p.requires_grad_(True)
+    for p in out.parameters():
+        p.requires_grad_(True)
     return out
 
 # %% ../nbs/10_lora.ipynb #709ebf73
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
+
 def adapter_config(cfg: LoraConfig, base_model_name_or_path: str = "") -> dict:
     "PEFT's `adapter_config.json` for `cfg`."
-    return dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path, r=cfg.r,
-                lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=sorted(cfg.target_modules), bias="none",
-                fan_in_fan_out=False, init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None,
-                inference_mode=True, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={})
+    return dict(
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=sorted(cfg.target_modules),
+        bias="none",
+        fan_in_fan_out=False,
+        init_lora_weights=True,
+        use_rslora=False,
+        use_dora=False,
+        modules_to_save=None,
+        inference_mode=True,
+        layers_to_transform=None,
+        layers_pattern=None,
+        rank_pattern={},
+        alpha_pattern={},
+    )
+
 
 def save_adapter(model: nn.Module, folder: str | Path, cfg: LoraConfig, base_model_name_or_path: str = "") -> Path:
     "Write the LoRA weights of `model` in PEFT's format (adapter_config.json + adapter_model.safetensors)."
     mods = lora_modules(model)
-    if not mods: raise ValueError("save_adapter: the model has no LoRA layers")
-    if any(m.merged for m in mods.values()): raise ValueError("save_adapter: unmerge the LoRA layers first")
-    sd = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach().float().cpu().contiguous()
-          for n, m in mods.items() for ab in "AB"}
+    if not mods:
+        raise ValueError("save_adapter: the model has no LoRA layers")
+    if any(m.merged for m in mods.values()):
+        raise ValueError("save_adapter: unmerge the LoRA layers first")
+    sd = {
+        f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach().float().cpu().contiguous()
+        for n, m in mods.items()
+        for ab in "AB"
+    }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder/ADAPTER_WEIGHTS) as tmp: save_file(sd, str(tmp), metadata={"format": "pt"})
-    atomic_write(folder/ADAPTER_CONFIG, adapter_config(cfg, base_model_name_or_path))
+    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    atomic_write(folder / ADAPTER_CONFIG, adapter_config(cfg, base_model_name_or_path))
     return folder
+
 
 def read_adapter_config(folder: str | Path) -> LoraConfig:
     "The `LoraConfig` of a PEFT LoRA adapter folder, with clear errors."
-    f = Path(folder)/ADAPTER_CONFIG
-    if not f.exists(): raise FileNotFoundError(f"{f} not found: not a PEFT adapter folder")
+    f = Path(folder) / ADAPTER_CONFIG
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found: not a PEFT adapter folder")
     d = json.loads(f.read_text())
-    if d.get("peft_type") != "LORA": raise ValueError(f"{f}: peft_type={d.get('peft_type')!r}, only LORA adapters are "
-                                                      f"supported")
+    if d.get("peft_type") != "LORA":
+        raise ValueError(f"{f}: peft_type={d.get('peft_type')!r}, only LORA adapters are supported")
     if d.get("use_dora") or d.get("use_rslora") or d.get("fan_in_fan_out") or d.get("bias", "none") != "none":
         raise ValueError(f"{f}: DoRA, rsLoRA, fan_in_fan_out and LoRA biases are not supported")
     tm = d["target_modules"]
-    return LoraConfig(r=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
-                      target_modules=tuple([tm] if isinstance(tm, str) else tm))
+    return LoraConfig(
+        r=d["r"],
+        alpha=d["lora_alpha"],
+        dropout=d.get("lora_dropout", 0.0),
+        target_modules=tuple([tm] if isinstance(tm, str) else tm),
+    )
+
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     "Apply the PEFT-format LoRA adapter in `folder` to `model` (in place) and load its weights."
     cfg = read_adapter_config(folder)
     apply_lora(model, cfg)
-    sd = load_file(str(Path(folder)/ADAPTER_WEIGHTS))
+    sd = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
     sd = {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in sd.items()}
-    want = {f"{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight for n,
-            m in lora_modules(model).items() for ab in "AB"}
+    want = {
+        f"{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight for n, m in lora_modules(model).items() for ab in "AB"
+    }
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    if missing or extra: raise ValueError(f"{folder}: adapter does not fit the model: missing {missing[:3]}, "
-                                          f"unexpected {extra[:3]}")
+    if missing or extra:
+        raise ValueError(f"{folder}: adapter does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
         for k, p in want.items():
-            if p.shape != sd[k].shape: raise ValueError(f"{folder}: {k} has shape {tuple(sd[k].shape)}, the model "
-                                                        f"needs {tuple(p.shape)}")
+            if p.shape != sd[k].shape:
+                raise ValueError(f"{folder}: {k} has shape {tuple(sd[k].shape)}, the model needs {tuple(p.shape)}")
             p.copy_(sd[k])
     return model
 
@@ -176,22 +226,35 @@ def lora_stage(run: Run, force: bool = False, log_every: int = 10, progress: boo
     model = apply_lora(model, run.preset.lora)
     share = trainable_table(model)[-1]
     s = finetune(run, "lora", model, cfg, out, batches, valid, log_every, progress)
-    save_adapter(model, out, run.preset.lora, base_model_name_or_path=str(run/"pretrain"))
-    ev = [r for r in read_log(out/"log.jsonl") if "val_loss" in r]
-    summary = dict(steps=s["steps"], loss=s["loss"], val_loss_start=ev[0]["val_loss"], val_loss=s["val_loss"],
-                   val_drop=round(ev[0]["val_loss"] - ev[-1]["val_loss"], 4), trainable=share["trainable"],
-                   params=share["params"],
-                   trainable_share=share["share"], tok_s=s["tok_s"], minutes=round((time.time() - t0) / 60, 2))
+    save_adapter(model, out, run.preset.lora, base_model_name_or_path=str(run / "pretrain"))
+    ev = [r for r in read_log(out / "log.jsonl") if "val_loss" in r]
+    summary = dict(
+        steps=s["steps"],
+        loss=s["loss"],
+        val_loss_start=ev[0]["val_loss"],
+        val_loss=s["val_loss"],
+        val_drop=round(ev[0]["val_loss"] - ev[-1]["val_loss"], 4),
+        trainable=share["trainable"],
+        params=share["params"],
+        trainable_share=share["share"],
+        tok_s=s["tok_s"],
+        minutes=round((time.time() - t0) / 60, 2),
+    )
     summary.update(compare_with_sft(run, ev))
     return summary
 
+
 def compare_with_sft(run: Run, lora_evals: list[dict]) -> dict:
     "Full SFT's validation-loss drop at LoRA's last evaluated step, and LoRA's drop as a share of it (if SFT ran)."
-    sft = [r for r in read_log(run/"sft"/"log.jsonl") if "val_loss" in r]
-    if not sft or not lora_evals: return {}
+    sft = [r for r in read_log(run / "sft" / "log.jsonl") if "val_loss" in r]
+    if not sft or not lora_evals:
+        return {}
     step = lora_evals[-1]["step"]
     at = [r for r in sft if r["step"] <= step][-1]
     full = sft[0]["val_loss"] - at["val_loss"]
     mine = lora_evals[0]["val_loss"] - lora_evals[-1]["val_loss"]
-    return dict(sft_val_drop_same_steps=round(full, 4), sft_step=at["step"],
-                lora_vs_sft=round(mine / full, 3) if full > 0 else None)
+    return dict(
+        sft_val_drop_same_steps=round(full, 4),
+        sft_step=at["step"],
+        lora_vs_sft=round(mine / full, 3) if full > 0 else None,
+    )

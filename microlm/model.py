@@ -23,8 +23,9 @@ __all__ = ['WEIGHTS', 'CONFIG', 'rms_norm', 'RMSNorm', 'rope_inv_freq', 'rope_co
            'read_model_config', 'check_state_dict', 'load_model']
 
 # %% ../nbs/05_model.ipynb #65958319
-def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor,
-                                                                                                   Tensor]:
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     "RMSNorm as `transformers` orders it (statistics in fp32, cast back, then the gain): (output, normalised x in fp32, 1/rms)."
     dt = x.dtype
     xf = x.to(torch.promote_types(dt, torch.float32))  # fp32 (fp64 stays fp64)
@@ -33,8 +34,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | Non
     y = weight * xn.to(dt)
     return (y if out_dtype is None else y.to(out_dtype)), xn, r
 
+
 class _RMSNormFunction(torch.autograd.Function):
     "`rms_norm` with its backward written out: the same gradients in fewer passes over the activations than autograd's."
+
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
@@ -46,20 +49,22 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         xn, r, w = ctx.saved_tensors
-        ct = xn.dtype                                                   # fp32 (fp64 stays fp64)
+        ct = xn.dtype  # fp32 (fp64 stays fp64)
         with torch.autocast(dy.device.type, enabled=False):
             # a bf16 gradient is cast once, not once per product
             dy = dy.to(ct)
-            t = dy * xn                                                 # each position's share of dL/dweight
+            t = dy * xn  # each position's share of dL/dweight
             dw = t.sum(tuple(range(t.dim() - 1))).to(w.dtype) if ctx.needs_input_grad[1] else None
             dx = None
-            if ctx.needs_input_grad[0]:                                 # r * (g - xn * mean(g * xn)), g = dy * weight
+            if ctx.needs_input_grad[0]:  # r * (g - xn * mean(g * xn)), g = dy * weight
                 m = (t @ w.to(ct)).unsqueeze_(-1).div_(xn.shape[-1])
                 dx = (dy * w.to(ct)).addcmul_(xn, m, value=-1).mul_(r).to(ctx.x_dtype)
         return dx, dw, None, None
 
+
 class RMSNorm(nn.Module):
     "Root-mean-square normalisation with a learned scale, computed in fp32."
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
@@ -72,38 +77,44 @@ class RMSNorm(nn.Module):
             return _RMSNormFunction.apply(x, self.weight, self.eps, out)
         return rms_norm(x, self.weight, self.eps, out)[0]
 
-    def extra_repr(self): return f"{tuple(self.weight.shape)}, eps={self.eps}"
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 # %% ../nbs/05_model.ipynb #7745f302
 def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> Tensor:
     "The `head_dim/2` rotation frequencies, computed like `transformers`' default RoPE."
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
 
+
 def rope_cos_sin(inv_freq: Tensor, pos: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     "cos and sin tables, each (B, T, head_dim), for integer positions `pos` (B, T)."
     freqs = pos[..., None].float() * inv_freq.float()  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)             # (B, T, hd)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
 
 def rotate_half(x: Tensor) -> Tensor:
     "(x1, x2) -> (-x2, x1) on the two halves of the last dimension."
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
+
 def _swap_halves(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x2, x1), dim=-1)
 
+
 class _RoPEFunction(torch.autograd.Function):
     "`apply_rope` for training: the same numbers, left in autocast's dtype, with the backward written out."
+
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         c, s = cos[:, None], sin[:, None]
         h = s.shape[-1] // 2
         ct = torch.promote_types(x.dtype, cos.dtype)
-        ac = torch.is_autocast_enabled(x.device.type)                 # attention would cast q and k to this anyway
+        ac = torch.is_autocast_enabled(x.device.type)  # attention would cast q and k to this anyway
         out = torch.get_autocast_dtype(x.device.type) if ac else ct
-        xf = x.to(ct)                                                 # rotate_half(x) * s == swap(x) * (-s1, s2)
+        xf = x.to(ct)  # rotate_half(x) * s == swap(x) * (-s1, s2)
         y = (xf * c).add_(_swap_halves(xf).mul_(torch.cat((-s[..., :h], s[..., h:]), -1))).to(out)
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = x.dtype, ct
@@ -119,25 +130,30 @@ class _RoPEFunction(torch.autograd.Function):
         dy = dy.to(ct)
         return (dy * c).addcmul_(_swap_halves(dy), torch.cat((s[..., h:], -s[..., :h]), -1)).to(x_dtype), None, None
 
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     "Rotate `x` (B, nh, T, hd) by the angles in `cos`/`sin` (B, T, hd)."
-    if torch.is_grad_enabled() and x.requires_grad: return _RoPEFunction.apply(x, cos, sin)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RoPEFunction.apply(x, cos, sin)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 # %% ../nbs/05_model.ipynb #b43c7bb3
 class MLP(nn.Module):
     "SwiGLU feed-forward: down(silu(gate(x)) * up(x))."
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, H = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj, self.up_proj = nn.Linear(C, H, bias=False), nn.Linear(C, H, bias=False)
         self.down_proj = nn.Linear(H, C, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor: return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 # %% ../nbs/05_model.ipynb #de164b1a
 class Attention(nn.Module):
     "Causal grouped-query self-attention with RoPE, through `scaled_dot_product_attention`."
+
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         C, self.nh, self.nkv, self.hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -147,32 +163,43 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, C, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = mask is None and (cache is None or cache.length == 0)    # no offset, no padding: the fast path
-        if cache is not None: k, v = cache.update(self.layer_idx, k, v)   # (B, nkv, past+T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,  # (B, nh, T, hd)
-                                           enable_gqa=self.nkv != self.nh)  # each K/V head serves nh/nkv query heads, no copies
+        causal = mask is None and (cache is None or cache.length == 0)  # no offset, no padding: the fast path
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,  # (B, nh, T, hd)
+            enable_gqa=self.nkv != self.nh,
+        )  # each K/V head serves nh/nkv query heads, no copies
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 # %% ../nbs/05_model.ipynb #61756be8
-def positions_and_mask(attention_mask: Tensor | None, # (B, past+T) 1 = token, 0 = padding; None: no padding
-                       T: int, # new tokens in this call
-                       past: int = 0, # positions already in the cache
-                       device=None) -> tuple[Tensor, Tensor | None]:
+def positions_and_mask(
+    attention_mask: Tensor | None,  # (B, past+T) 1 = token, 0 = padding; None: no padding
+    T: int,  # new tokens in this call
+    past: int = 0,  # positions already in the cache
+    device=None,
+) -> tuple[Tensor, Tensor | None]:
     "Position ids (B or 1, T) and the boolean attention mask (B or 1, 1, T, past+T); mask None when `is_causal` suffices."
     S = past + T
     if attention_mask is None:
         pos = torch.arange(past, S, device=device)[None]
-        if past == 0 or T == 1: return pos, None                      # plain causal, or one query that sees everything
+        if past == 0 or T == 1:
+            return pos, None  # plain causal, or one query that sees everything
         return pos, (torch.arange(S, device=device)[None] <= pos[0, :, None])[None, None]
     am = attention_mask.to(device)
-    pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]          # (B, T) counts real tokens only
+    pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T) counts real tokens only
     qi, kj = torch.arange(past, S, device=device)[:, None], torch.arange(S, device=device)[None]
     mask = ((kj <= qi)[None] & am.bool()[:, None, :]) | (kj == qi)[None]  # (B, T, S); a query always sees itself
     return pos, mask[:, None]
@@ -180,14 +207,16 @@ def positions_and_mask(attention_mask: Tensor | None, # (B, past+T) 1 = token, 0
 # %% ../nbs/05_model.ipynb #b916649a
 class DecoderLayer(nn.Module):
     "x + attn(norm(x)), then x + mlp(norm(x))."
+
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.self_attn, self.mlp = Attention(cfg, layer_idx), MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -196,27 +225,32 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     "Normal(0, initializer_range) matrices; residual output projections scaled by 1/sqrt(2 * layers); norms at 1."
     std = cfg.initializer_range
     for name, p in model.named_parameters():  # tied weights appear once
-        if name.endswith(("o_proj.weight", "down_proj.weight")): nn.init.normal_(p, 0.0,
-                                                                                 std / math.sqrt(2 * cfg.num_hidden_layers))
-        elif p.dim() == 2: nn.init.normal_(p, 0.0, std)
-        else: nn.init.ones_(p)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.num_hidden_layers))
+        elif p.dim() == 2:
+            nn.init.normal_(p, 0.0, std)
+        else:
+            nn.init.ones_(p)
 
 # %% ../nbs/05_model.ipynb #7c9e9cc4
 class ModelOutput(NamedTuple):
     "What `MicroLM.forward` returns."
+
     logits: Tensor | None  # (B, T or logits_to_keep, vocab); None when `targets` asked for the loss alone
-    loss: Tensor | None    # mean cross-entropy over supervised tokens, when labels or targets were given
+    loss: Tensor | None  # mean cross-entropy over supervised tokens, when labels or targets were given
+
 
 def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     "Mean next-token cross-entropy; `labels` aligned with the inputs (shifted here), `ignore_index` skipped."
     tgt = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1)  # position t predicts labels[t+1]
     total = F.cross_entropy(logits.float().reshape(tgt.numel(), -1), tgt, ignore_index=ignore_index, reduction="sum")
-    return total / (tgt != ignore_index).sum().clamp(min=1)           # 0, not NaN, when nothing is supervised
+    return total / (tgt != ignore_index).sum().clamp(min=1)  # 0, not NaN, when nothing is supervised
 
 # %% ../nbs/05_model.ipynb #a6ca64fa
 def compute_dtype(x: Tensor) -> torch.dtype:
     "The dtype matmuls on `x` run in: autocast's where it is on for `x`'s device, else `x`'s own."
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
 
 def _chunked_ce(x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool, grad_w: bool, chunk: int = 0):
     "Summed loss, number of supervised rows, and (if asked) the gradients of the mean loss for x and w."
@@ -227,7 +261,7 @@ def _chunked_ce(x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool
     chunk = chunk or max(16, (2**19 if x.device.type == "cpu" else 2**24) // V)
     valid = t != ignore_index
     n = valid.sum().clamp(min=1)
-    acc = torch.promote_types(dt, torch.float32)                                 # fp32 (fp64 stays fp64)
+    acc = torch.promote_types(dt, torch.float32)  # fp32 (fp64 stays fp64)
     total = torch.zeros((), dtype=acc, device=x.device)
     grad = grad_x or grad_w
     # (N, V) logits in the matmul dtype; each chunk overwrites its rows with their gradient
@@ -235,15 +269,18 @@ def _chunked_ce(x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool
     for i in range(0, N, chunk):
         s = slice(i, i + chunk)
         tc, vc = t[s].clamp(min=0)[:, None], valid[s][:, None]
-        z = (G[s] if grad else xs[s] @ ws.t()).to(acc)                          # (chunk, V) logits, fp32
+        z = (G[s] if grad else xs[s] @ ws.t()).to(acc)  # (chunk, V) logits, fp32
         lse = z.logsumexp(-1, keepdim=True)
         total += ((lse - z.gather(1, tc)) * vc).sum()
         # (softmax - onehot) / N, 0 where ignored
-        if grad: G[s] = z.sub_(lse).exp_().scatter_add_(1, tc, -vc.to(acc)).mul_(vc.to(acc) / n)
+        if grad:
+            G[s] = z.sub_(lse).exp_().scatter_add_(1, tc, -vc.to(acc)).mul_(vc.to(acc) / n)
     return total, n, (G @ ws if grad_x else None), (G.t() @ xs if grad_w else None)
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     "Loss and gradients in one chunked forward pass; backward scales them by the incoming gradient."
+
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, t: Tensor, ignore_index: int, chunk: int) -> Tensor:
         total, n, gx, gw = _chunked_ce(x, w, t, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk)
@@ -261,12 +298,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gx, gw = out
         return gx, gw, None, None, None
 
-def linear_cross_entropy(x: Tensor,        # (N, C) hidden states
-                         w: Tensor,        # (V, C) output-layer weight
-                         targets: Tensor,  # (N,) target ids; `ignore_index` = not supervised
-                         ignore_index: int = -100,
-                         chunk: int = 0,   # rows per chunk (0: about 2 MB of fp32 logits on the CPU, 64 MB on a GPU)
-                        ) -> Tensor:
+
+def linear_cross_entropy(
+    x: Tensor,  # (N, C) hidden states
+    w: Tensor,  # (V, C) output-layer weight
+    targets: Tensor,  # (N,) target ids; `ignore_index` = not supervised
+    ignore_index: int = -100,
+    chunk: int = 0,  # rows per chunk (0: about 2 MB of fp32 logits on the CPU, 64 MB on a GPU)
+) -> Tensor:
     "Mean cross-entropy of the logits `x @ w.T` against `targets`, computed chunk by chunk without materialising fp32 logits."
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return _LinearCrossEntropy.apply(x, w, targets, ignore_index, chunk)
@@ -276,69 +315,86 @@ def linear_cross_entropy(x: Tensor,        # (N, C) hidden states
 # %% ../nbs/05_model.ipynb #b41dbe0b
 class MicroLM(nn.Module):
     "A Llama-style decoder with `transformers.LlamaForCausalLM`'s parameter names."
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-            layers=nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)),
-            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                layers=nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)),
+                norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+            )
+        )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings: self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
         init_weights(self, cfg)
 
-    def forward(self, input_ids: Tensor, # (B, T) token ids
-                labels: Tensor | None = None, # (B, T) aligned with input_ids; -100 = not supervised
-                attention_mask: Tensor | None = None, # (B, past+T) or (B, T) with a cache; 1 = token, 0 = left padding
-                cache: KVCache | None = None, # updated in place
-                logits_to_keep: int = 0, # project only the last n positions (0: all)
-                # (B, T) next-token targets, already shifted; -100 = not supervised: loss only, no logits
-                targets: Tensor | None = None,
-               ) -> ModelOutput:
-        if input_ids.dim() != 2: raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T) token ids
+        labels: Tensor | None = None,  # (B, T) aligned with input_ids; -100 = not supervised
+        attention_mask: Tensor | None = None,  # (B, past+T) or (B, T) with a cache; 1 = token, 0 = left padding
+        cache: KVCache | None = None,  # updated in place
+        logits_to_keep: int = 0,  # project only the last n positions (0: all)
+        # (B, T) next-token targets, already shifted; -100 = not supervised: loss only, no logits
+        targets: Tensor | None = None,
+    ) -> ModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         past = 0 if cache is None else cache.length
         if past + T > self.cfg.max_position_embeddings:
             raise ValueError(f"{past + T} positions exceed max_position_embeddings={self.cfg.max_position_embeddings}")
-        if cache is not None: attention_mask = cache.extend_mask(attention_mask, B, T)
+        if cache is not None:
+            attention_mask = cache.extend_mask(attention_mask, B, T)
         elif attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
         pos, mask = positions_and_mask(attention_mask, T, past, input_ids.device)
-        x = self.model.embed_tokens(input_ids)                          # (B, T, C)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self._inv_freq(), pos, x.dtype)
-        for layer in self.model.layers: x = layer(x, cos, sin, mask, cache)
-        if cache is not None: cache.length += T
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
         x = self.model.norm(x)
         keep = logits_to_keep
         if keep and (labels is not None or targets is not None):
             raise ValueError("labels and targets need every position: drop logits_to_keep")
         if targets is not None:
-            if labels is not None: raise ValueError("give labels (shifted here) or targets (already shifted), not both")
-            if targets.shape != input_ids.shape: raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids "
-                                                                  f"shape {tuple(input_ids.shape)}")
+            if labels is not None:
+                raise ValueError("give labels (shifted here) or targets (already shifted), not both")
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
             # a plain output layer on the CPU: chunked, no logits
             if type(self.lm_head) is nn.Linear and x.device.type == "cpu":
                 return ModelOutput(None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten()))
-            return ModelOutput(None,
-                               F.cross_entropy(self.lm_head(x).float().flatten(0, 1), targets.flatten(), ignore_index=-100))
-        logits = self.lm_head(x[:, -keep:] if keep else x)              # (B, T or keep, V)
+            return ModelOutput(
+                None, F.cross_entropy(self.lm_head(x).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            )
+        logits = self.lm_head(x[:, -keep:] if keep else x)  # (B, T or keep, V)
         return ModelOutput(logits, None if labels is None else lm_loss(logits, labels))
 
     def _inv_freq(self) -> Tensor:
-        if self.inv_freq.dtype == torch.float32: return self.inv_freq   # a model cast to bf16 still rotates in fp32
+        if self.inv_freq.dtype == torch.float32:
+            return self.inv_freq  # a model cast to bf16 still rotates in fp32
         return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(self.inv_freq.device)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         "An empty KV cache for `batch_size` sequences of up to `max_len` (default: max_position_embeddings) tokens."
         w = self.lm_head.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_position_embeddings, device or w.device,
-                       dtype or w.dtype)
+        return KVCache(
+            self.cfg, batch_size, max_len or self.cfg.max_position_embeddings, device or w.device, dtype or w.dtype
+        )
 
 # %% ../nbs/05_model.ipynb #d234c84e
 class KVCache:
     "Preallocated per-layer keys and values, (B, n_kv, max_len, hd), filled up to `length`; updated in place."
+
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -355,20 +411,31 @@ class KVCache:
     def extend_mask(self, attention_mask: Tensor | None, B: int, T: int) -> Tensor | None:
         "Check room and batch size, record the mask for the new tokens, return the full (B, length+T) mask or None."
         s, e = self.length, self.length + T
-        if B != self.batch_size: raise ValueError(f"cache was made for batch size {self.batch_size}, got {B}")
-        if e > self.max_len: raise ValueError(f"cache full: {s} + {T} tokens > max_len={self.max_len}")
-        if attention_mask is None and self.mask is None: return None
-        if self.mask is None: self.mask = torch.ones(B, self.max_len, dtype=torch.long, device=self.k[0].device)
-        if attention_mask is None: self.mask[:, s:e] = 1
-        elif attention_mask.shape == (B, e): self.mask[:, :e] = attention_mask
-        elif attention_mask.shape == (B, T): self.mask[:, s:e] = attention_mask
-        else: raise ValueError(f"attention_mask must be (B, past+T)=({B}, {e}) or (B, T)=({B}, {T}), got "
-                               f"{tuple(attention_mask.shape)}")
+        if B != self.batch_size:
+            raise ValueError(f"cache was made for batch size {self.batch_size}, got {B}")
+        if e > self.max_len:
+            raise ValueError(f"cache full: {s} + {T} tokens > max_len={self.max_len}")
+        if attention_mask is None and self.mask is None:
+            return None
+        if self.mask is None:
+            self.mask = torch.ones(B, self.max_len, dtype=torch.long, device=self.k[0].device)
+        if attention_mask is None:
+            self.mask[:, s:e] = 1
+        elif attention_mask.shape == (B, e):
+            self.mask[:, :e] = attention_mask
+        elif attention_mask.shape == (B, T):
+            self.mask[:, s:e] = attention_mask
+        else:
+            raise ValueError(
+                f"attention_mask must be (B, past+T)=({B}, {e}) or (B, T)=({B}, {T}), got {tuple(attention_mask.shape)}"
+            )
         return self.mask[:, :e]
 
-    def reset(self): self.length, self.mask = 0, None
+    def reset(self):
+        self.length, self.mask = 0, None
 
-    def __repr__(self): return f"KVCache(batch={self.batch_size}, length={self.length}/{self.max_len}, layers={len(self.k)}, {tuple(self.k[0].shape)})"
+    def __repr__(self):
+        return f"KVCache(batch={self.batch_size}, length={self.length}/{self.max_len}, layers={len(self.k)}, {tuple(self.k[0].shape)})"
 
 # %% ../nbs/05_model.ipynb #aaa7320c
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -378,68 +445,96 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 # %% ../nbs/05_model.ipynb #d8869f6b
 def to_hf_config(cfg: ModelConfig) -> dict:
     "`transformers.LlamaConfig` keyword arguments for `cfg` (bos/eos/pad ids are left to the export stage)."
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
-                rms_norm_eps=cfg.rms_norm_eps,
-                tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.initializer_range,
-                hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+    )
 
 # %% ../nbs/05_model.ipynb #d28e1b30
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
 
 def save_model(model: MicroLM, folder: str | Path) -> Path:
     "Write `model.safetensors` and `config.json` (ModelConfig + format tag) into `folder`, each atomically."
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_word_embeddings: sd.pop("lm_head.weight")        # the embedding: stored once, as transformers does
-    with atomic_path(folder/WEIGHTS) as tmp: save_file(sd, str(tmp), metadata={"format": "pt"})
-    atomic_write(folder/CONFIG, {**asdict(model.cfg), "format": "microlm"})
+    if model.cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight")  # the embedding: stored once, as transformers does
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    atomic_write(folder / CONFIG, {**asdict(model.cfg), "format": "microlm"})
     return folder
 
 # %% ../nbs/05_model.ipynb #1c1993d5
 def read_model_config(folder: str | Path) -> ModelConfig:
     "The `ModelConfig` stored in a microlm checkpoint folder, with clear errors."
     folder = Path(folder)
-    if not folder.is_dir(): raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
     for f in (CONFIG, WEIGHTS):
-        if not (folder/f).is_file(): raise FileNotFoundError(f"{folder/f}: missing; a microlm checkpoint has {CONFIG} "
-                                                             f"and {WEIGHTS}")
-    try: d = json.loads((folder/CONFIG).read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{folder/CONFIG}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"{folder / f}: missing; a microlm checkpoint has {CONFIG} and {WEIGHTS}")
+    try:
+        d = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / CONFIG}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(d, dict) or d.get("format") != "microlm":
         fmt = d.get("format", d.get("model_type")) if isinstance(d, dict) else type(d).__name__
-        raise ValueError(f"{folder}: not a microlm checkpoint (format={fmt!r}); Hugging Face folders are loaded by "
-                         f"microlm.export")
+        raise ValueError(
+            f"{folder}: not a microlm checkpoint (format={fmt!r}); Hugging Face folders are loaded by microlm.export"
+        )
     d = {k: v for k, v in d.items() if k != "format"}
     known = {f.name for f in fields(ModelConfig)}
-    if set(d) - known: raise ValueError(f"{folder/CONFIG}: unknown field(s) {sorted(set(d) - known)}; known: "
-                                        f"{sorted(known)}")
-    try: return ModelConfig(**d)
-    except (TypeError, ValueError) as e: raise ValueError(f"{folder/CONFIG}: {e}") from None
+    if set(d) - known:
+        raise ValueError(f"{folder / CONFIG}: unknown field(s) {sorted(set(d) - known)}; known: {sorted(known)}")
+    try:
+        return ModelConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{folder / CONFIG}: {e}") from None
 
 # %% ../nbs/05_model.ipynb #6fb03b35
 def check_state_dict(sd: dict, model: MicroLM, source: str = "state_dict") -> None:
     "Raise a ValueError naming missing, unexpected and mis-shaped tensors (first few of each)."
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if model.cfg.tie_word_embeddings: want.pop("lm_head.weight")
+    if model.cfg.tie_word_embeddings:
+        want.pop("lm_head.weight")
     got = {k: tuple(v.shape) for k, v in sd.items()}
     missing, extra = [k for k in want if k not in got], [k for k in got if k not in want]
     shapes = [f"{k}: expected {want[k]}, found {got[k]}" for k in want if k in got and want[k] != got[k]]
-    problems = [f"{len(v)} {what}: {v[:3]}{' ...' if len(v) > 3 else ''}" for what, v in
-                (("missing", missing), ("unexpected", extra), ("with wrong shapes", shapes)) if v]
-    if problems: raise ValueError(f"{source} does not fit the config: " + "; ".join(problems))
+    problems = [
+        f"{len(v)} {what}: {v[:3]}{' ...' if len(v) > 3 else ''}"
+        for what, v in (("missing", missing), ("unexpected", extra), ("with wrong shapes", shapes))
+        if v
+    ]
+    if problems:
+        raise ValueError(f"{source} does not fit the config: " + "; ".join(problems))
+
 
 def load_model(folder: str | Path, device="cpu") -> MicroLM:
     "Rebuild the model saved by `save_model` in `folder`, on `device`."
     cfg = read_model_config(folder)
-    path = Path(folder)/WEIGHTS
-    try: sd = load_file(str(path))
-    except Exception as e: raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    path = Path(folder) / WEIGHTS
+    try:
+        sd = load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     model = MicroLM(cfg)
-    if cfg.tie_word_embeddings and "lm_head.weight" in sd:             # tolerated only if it really is the embedding
+    if cfg.tie_word_embeddings and "lm_head.weight" in sd:  # tolerated only if it really is the embedding
         head = sd.pop("lm_head.weight")
         emb = sd.get("model.embed_tokens.weight")
         if emb is None or head.shape != emb.shape or not torch.equal(head, emb):

@@ -27,40 +27,58 @@ __all__ = ['chatterbot_dialogues', 'chat_examples', 'load_conversations', 'load_
 # %% ../nbs/09_sft.ipynb #589daae1
 def chatterbot_dialogues(lang: str = "english") -> list[list[str]]:
     "Every dialogue (a list of utterances) in the installed chatterbot corpus for `lang`, in file order."
-    try: import chatterbot_corpus
-    except ImportError as e: raise FileNotFoundError("the chatterbot-corpus package is not installed (pip install "
-                                                     "chatterbot-corpus)") from e
-    folder = Path(chatterbot_corpus.__file__).parent/"data"/lang
+    try:
+        import chatterbot_corpus
+    except ImportError as e:
+        raise FileNotFoundError("the chatterbot-corpus package is not installed (pip install chatterbot-corpus)") from e
+    folder = Path(chatterbot_corpus.__file__).parent / "data" / lang
     out = []
     for f in sorted(folder.glob("*.yml")):
         for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations") or []:
             turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
-            if len(turns) >= 2: out.append(turns)
+            if len(turns) >= 2:
+                out.append(turns)
     return out
+
 
 def chat_examples(n_train: int, seed: int) -> dict[str, list[dict]]:
     "Chat examples per split from the chatterbot corpus: `n_train` for training, a held-out twentieth each for valid and test."
     convs = chatterbot_dialogues()
     random.Random(f"{seed}:chat").shuffle(convs)
     k = max(len(convs) // 20, 1)
-    parts = {"valid": convs[:k], "test": convs[k:2 * k], "train": convs[2 * k:][:n_train]}
+    parts = {"valid": convs[:k], "test": convs[k : 2 * k], "train": convs[2 * k :][:n_train]}
+
     def ex(split, i, turns):
-        turns = turns[:len(turns) // 2 * 2]
+        turns = turns[: len(turns) // 2 * 2]
         msgs = [dict(role="user" if j % 2 == 0 else "assistant", content=t) for j, t in enumerate(turns)]
         return dict(id=f"chat-{split}-{i:04d}", kind="chat", messages=msgs)
+
     return {s: [ex(s, i, t) for i, t in enumerate(c)] for s, c in parts.items()}
 
 # %% ../nbs/09_sft.ipynb #acef2630
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-          "model": "assistant", "system": "system"}
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
 
 def _jsonl(path: str | Path):
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"{path} not found")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip(): continue
-        try: yield f"{path}:{i}", json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{i}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+
 
 def load_conversations(path: str | Path) -> list[dict]:
     "Chat examples from a `conversations` JSONL file (ShareGPT `from`/`value` or MiniMind `role`/`content` turns)."
@@ -74,25 +92,38 @@ def load_conversations(path: str | Path) -> list[dict]:
             role = t.get("role", t.get("from")) if isinstance(t, dict) else None
             text = t.get("content", t.get("value")) if isinstance(t, dict) else None
             if role not in _ROLES or not isinstance(text, str):
-                raise ValueError(f'{where}: turn {j} must be {{"from": human|gpt|system, "value": str}} or '
-                                 f'{{"role": user|assistant|system, "content": str}}, got {str(t)[:80]}')
+                raise ValueError(
+                    f'{where}: turn {j} must be {{"from": human|gpt|system, "value": str}} or '
+                    f'{{"role": user|assistant|system, "content": str}}, got {str(t)[:80]}'
+                )
             msgs.append(dict(role=_ROLES[role], content=text))
-        if not any(m["role"] == "assistant" for m in msgs): raise ValueError(f"{where}: the conversation has no "
-                                                                             f"assistant turn")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{where}: the conversation has no assistant turn")
         out.append(dict(id=where, kind="chat", messages=msgs))
     return out
+
 
 def load_alpaca(path: str | Path) -> list[dict]:
     "Chat examples from an Alpaca JSONL file: `instruction`, optional `input`, `output`."
     out = []
     for where, d in _jsonl(path):
-        if not isinstance(d, dict) or not isinstance(d.get("instruction"), str) or not isinstance(d.get("output"), str) \
-           or not isinstance(d.get("input", ""), str):
-            raise ValueError(f'{where}: expected {{"instruction": str, "input": str (optional), "output": str}}, got '
-                             f'{str(d)[:80]}')
+        if (
+            not isinstance(d, dict)
+            or not isinstance(d.get("instruction"), str)
+            or not isinstance(d.get("output"), str)
+            or not isinstance(d.get("input", ""), str)
+        ):
+            raise ValueError(
+                f'{where}: expected {{"instruction": str, "input": str (optional), "output": str}}, got {str(d)[:80]}'
+            )
         user = d["instruction"] + (f"\n\n{d['input']}" if d.get("input") else "")
-        out.append(dict(id=where, kind="chat",
-                        messages=[dict(role="user", content=user), dict(role="assistant", content=d["output"])]))
+        out.append(
+            dict(
+                id=where,
+                kind="chat",
+                messages=[dict(role="user", content=user), dict(role="assistant", content=d["output"])],
+            )
+        )
     return out
 
 # %% ../nbs/09_sft.ipynb #56e13a8c
@@ -104,16 +135,21 @@ def encode_chat(tok, messages: list[dict], max_len: int | None = None) -> dict:
     eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
     labels = [-100] * len(ids)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant": continue
+        if m["role"] != "assistant":
+            continue
         a = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        b = tok.apply_chat_template(messages[:i + 1], tokenize=False)
+        b = tok.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(a) and text.startswith(b)):
-            raise ValueError("encode_chat: the chat template does not render conversation prefixes consistently; "
-                             "cannot locate assistant turns")
+            raise ValueError(
+                "encode_chat: the chat template does not render conversation prefixes consistently; "
+                "cannot locate assistant turns"
+            )
         span = [j for j, (s, e) in enumerate(offs) if len(a) <= s < len(b)]
         ends = [j for j in span if ids[j] == eot]
-        for j in span[:span.index(ends[-1]) + 1] if ends else span: labels[j] = ids[j]
-    if max_len is not None: ids, labels = ids[:max_len], labels[:max_len]
+        for j in span[: span.index(ends[-1]) + 1] if ends else span:
+            labels[j] = ids[j]
+    if max_len is not None:
+        ids, labels = ids[:max_len], labels[:max_len]
     return dict(input_ids=ids, labels=labels)
 
 # %% ../nbs/09_sft.ipynb #7da4f49d
@@ -130,27 +166,38 @@ def collate(encoded: list[dict], pad_id: int) -> dict:
         mask[i, :n] = 1
     return dict(input_ids=ids, labels=labels, attention_mask=mask)
 
+
 def next_token_xy(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     "Inputs and next-token targets for `microlm.train`'s loss: x = ids[:, :-1], y = labels[:, 1:]."
     return batch["input_ids"][:, :-1], batch["labels"][:, 1:]
 
+
 class SFTBatches:
     "Random batches of encoded examples as (x, y), resumable through `state_dict`."
+
     def __init__(self, encoded: list[dict], batch_size: int, pad_id: int, seed: int = 0):
-        if not encoded: raise ValueError("SFTBatches: no examples")
+        if not encoded:
+            raise ValueError("SFTBatches: no examples")
         self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
         self.gen = torch.Generator().manual_seed(seed)
+
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         ix = torch.randint(len(self.encoded), (self.batch_size,), generator=self.gen).tolist()
         return next_token_xy(collate([self.encoded[i] for i in ix], self.pad_id))
-    def state_dict(self) -> dict: return {"generator": self.gen.get_state()}
-    def load_state_dict(self, d: dict): self.gen.set_state(d["generator"])
 
-def eval_batches(encoded: list[dict], n_batches: int, batch_size: int,
-                 pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, d: dict):
+        self.gen.set_state(d["generator"])
+
+
+def eval_batches(
+    encoded: list[dict], n_batches: int, batch_size: int, pad_id: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     "Fixed validation batches: the first `n_batches * batch_size` examples, in order."
-    ex = encoded[:n_batches * batch_size]
-    return [next_token_xy(collate(ex[i:i + batch_size], pad_id)) for i in range(0, len(ex), batch_size)]
+    ex = encoded[: n_batches * batch_size]
+    return [next_token_xy(collate(ex[i : i + batch_size], pad_id)) for i in range(0, len(ex), batch_size)]
 
 # %% ../nbs/09_sft.ipynb #263039e9
 def sft_data(run: Run, tok, seq_len: int | None = None, chats: bool = True) -> dict:
@@ -164,26 +211,33 @@ def sft_data(run: Run, tok, seq_len: int | None = None, chats: bool = True) -> d
         tasks, st = split_tasks(run, split, fits)
         ch = [c for c in chats.get(split, []) if fits(c["messages"])]
         st["chats"], st["chats_dropped"] = len(ch), len(chats.get(split, [])) - len(ch)
-        for e in tasks + ch: e["n_tokens"] = len(encode_chat(tok, e["messages"])["input_ids"])
+        for e in tasks + ch:
+            e["n_tokens"] = len(encode_chat(tok, e["messages"])["input_ids"])
         out[split] = dict(tasks=tasks, chats=ch)
         stats[split] = st
     out["stats"] = stats
     return out
 
+
 def encode_examples(tok, examples: list[dict], seq_len: int) -> list[dict]:
     "encode_chat of every example's messages, cut to `seq_len + 1` tokens (inputs and the last target)."
     return [encode_chat(tok, e["messages"], seq_len + 1) for e in examples]
+
 
 def schemas_text(examples: list[dict], per_kind: int = 1) -> str:
     "A plain-text description of the task kinds: schema, compact hint and example prompts with gold answers."
     parts = []
     for kind, schema in SCHEMAS.items():
-        parts += [f"== {kind}: {TASKS[kind].__doc__}", f"schema: {json.dumps(schema)}",
-                  f"hint:   {schema_hint(schema)}"]
+        parts += [
+            f"== {kind}: {TASKS[kind].__doc__}",
+            f"schema: {json.dumps(schema)}",
+            f"hint:   {schema_hint(schema)}",
+        ]
         for e in [e for e in examples if e["kind"] == kind][:per_kind]:
             parts += ["--- user:", e["messages"][0]["content"], "--- assistant:", e["messages"][1]["content"]]
         parts.append("")
     return "\n".join(parts)
+
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     "Write rows as JSON lines, atomically."
@@ -192,15 +246,17 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 # %% ../nbs/09_sft.ipynb #439b9b56
 def _require(*paths: Path):
     for p in paths:
-        if not p.exists(): raise FileNotFoundError(f"{p} not found: run the stages before this one first (microlm "
-                                                   f"pipeline --run ...)")
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: run the stages before this one first (microlm pipeline --run ...)")
+
 
 def write_sft_files(run: Run, data: dict, folder: Path):
     "tasks_{split}.jsonl, chat_{split}.jsonl and tasks_schemas.txt into `folder`."
     for s in ("train", "valid", "test"):
-        write_jsonl(folder/f"tasks_{s}.jsonl", data[s]["tasks"])
-        write_jsonl(folder/f"chat_{s}.jsonl", data[s]["chats"])
-    atomic_write(folder/"tasks_schemas.txt", schemas_text(data["train"]["tasks"], per_kind=2))
+        write_jsonl(folder / f"tasks_{s}.jsonl", data[s]["tasks"])
+        write_jsonl(folder / f"chat_{s}.jsonl", data[s]["chats"])
+    atomic_write(folder / "tasks_schemas.txt", schemas_text(data["train"]["tasks"], per_kind=2))
+
 
 def finetune_data(run: Run, tok, cfg, chats: bool = True) -> tuple[dict, SFTBatches, list]:
     "The SFT data, the training batch source and the fixed validation batches (held-out plays' tasks) for train config `cfg`."
@@ -210,29 +266,48 @@ def finetune_data(run: Run, tok, cfg, chats: bool = True) -> tuple[dict, SFTBatc
     valid_ex = data["valid"]["tasks"][:]
     random.Random(f"{run.preset.seed}:valid").shuffle(valid_ex)
     if not valid_ex or not data["train"]["tasks"]:
-        raise ValueError(f"no structured tasks fit seq_len={cfg.seq_len} tokens (kept/dropped: {data['stats']}); raise "
-                         f"seq_len or lower max_passage_chars")
+        raise ValueError(
+            f"no structured tasks fit seq_len={cfg.seq_len} tokens (kept/dropped: {data['stats']}); raise "
+            f"seq_len or lower max_passage_chars"
+        )
     valid = eval_batches(encode_examples(tok, valid_ex, cfg.seq_len), cfg.eval_batches, cfg.batch_size, pad)
     return data, SFTBatches(train_enc, cfg.batch_size, pad, seed=run.preset.seed + 7), valid
 
+
 def finetune_setup(run: Run, stage: str, force: bool = False) -> tuple:
     "What full SFT and LoRA share before training: inputs checked, tokenizer, data, batches and the pretrained model: (cfg, out, data, batches, valid, model)."
-    _require(run/"pretrain"/"model.safetensors", run/"tokenizer"/"tokenizer.json")
-    cfg, out = {"sft": run.preset.sft, "lora": run.preset.lora_train}[stage], run/stage
-    if force: shutil.rmtree(out/"ckpt", ignore_errors=True)
-    data, batches, valid = finetune_data(run, load_tokenizer(run/"tokenizer"), cfg)
+    _require(run / "pretrain" / "model.safetensors", run / "tokenizer" / "tokenizer.json")
+    cfg, out = {"sft": run.preset.sft, "lora": run.preset.lora_train}[stage], run / stage
+    if force:
+        shutil.rmtree(out / "ckpt", ignore_errors=True)
+    data, batches, valid = finetune_data(run, load_tokenizer(run / "tokenizer"), cfg)
     seed_everything(run.preset.seed)
-    model = load_model(run/"pretrain")
+    model = load_model(run / "pretrain")
     if cfg.seq_len > model.cfg.max_position_embeddings:
-        raise ValueError(f"{stage}: seq_len={cfg.seq_len} exceeds the model's "
-                         f"max_position_embeddings={model.cfg.max_position_embeddings}")
+        raise ValueError(
+            f"{stage}: seq_len={cfg.seq_len} exceeds the model's "
+            f"max_position_embeddings={model.cfg.max_position_embeddings}"
+        )
     return cfg, out, data, batches, valid, model
 
-def finetune(run: Run, stage: str, model, cfg, out: Path, batches, valid, log_every: int = 10,
-             progress: bool = True) -> dict:
+
+def finetune(
+    run: Run, stage: str, model, cfg, out: Path, batches, valid, log_every: int = 10, progress: bool = True
+) -> dict:
     "Run the shared training loop for fine-tuning stage `stage` (checkpoints of another configuration are discarded)."
-    return train(model, batches, cfg, out, valid=valid, meta={"config_hash": stage_key(run, stage), "model_config": asdict(model.cfg)},
-                 log_every=log_every, progress=progress, desc=stage, on_mismatch="restart")
+    return train(
+        model,
+        batches,
+        cfg,
+        out,
+        valid=valid,
+        meta={"config_hash": stage_key(run, stage), "model_config": asdict(model.cfg)},
+        log_every=log_every,
+        progress=progress,
+        desc=stage,
+        on_mismatch="restart",
+    )
+
 
 @stage_body("sft")
 def sft_stage(run: Run, force: bool = False, log_every: int = 10, progress: bool = True) -> dict:
@@ -242,10 +317,16 @@ def sft_stage(run: Run, force: bool = False, log_every: int = 10, progress: bool
     s = finetune(run, "sft", model, cfg, out, batches, valid, log_every, progress)
     save_model(model, out)
     write_sft_files(run, data, out)
-    ev = [r["val_loss"] for r in read_log(out/"log.jsonl") if "val_loss" in r]
-    summary = dict(steps=s["steps"], loss=s["loss"], val_loss_start=ev[0] if ev else None, val_loss=s["val_loss"],
-                   val_drop=round(ev[0] - ev[-1], 4) if ev else None, tok_s=s["tok_s"],
-                   examples={k: v["examples"] + v["chats"] for k, v in data["stats"].items()},
-                   dropped={k: v["dropped"] + v["chats_dropped"] for k, v in data["stats"].items()},
-                   minutes=round((time.time() - t0) / 60, 2))
+    ev = [r["val_loss"] for r in read_log(out / "log.jsonl") if "val_loss" in r]
+    summary = dict(
+        steps=s["steps"],
+        loss=s["loss"],
+        val_loss_start=ev[0] if ev else None,
+        val_loss=s["val_loss"],
+        val_drop=round(ev[0] - ev[-1], 4) if ev else None,
+        tok_s=s["tok_s"],
+        examples={k: v["examples"] + v["chats"] for k, v in data["stats"].items()},
+        dropped={k: v["dropped"] + v["chats_dropped"] for k, v in data["stats"].items()},
+        minutes=round((time.time() - t0) / 60, 2),
+    )
     return summary

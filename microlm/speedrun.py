@@ -19,6 +19,7 @@ __all__ = ['SEEDS', 'apply_overrides', 'trial_run', 'speedrun_trial', 'read_reco
 # %% ../nbs/06a_speedrun.ipynb #2150e12d
 SEEDS = (1337, 1338, 1339)
 
+
 def apply_overrides(preset: Preset, overrides: dict) -> Preset:
     "`preset` with `overrides` ({section: {field: value}}) applied, each field checked by its dataclass."
     kw = {}
@@ -27,17 +28,21 @@ def apply_overrides(preset: Preset, overrides: dict) -> Preset:
         if not hasattr(sub, "__dataclass_fields__"):
             raise ValueError(f"speedrun: no preset section {section!r}; sections: {list(preset.to_dict())}")
         bad = set(fields) - set(sub.__dataclass_fields__)
-        if bad: raise ValueError(f"speedrun: section {section!r} has no field(s) {sorted(bad)}")
+        if bad:
+            raise ValueError(f"speedrun: section {section!r} has no field(s) {sorted(bad)}")
         kw[section] = replace(sub, **fields)
     return replace(preset, **kw)
+
 
 def trial_run(base: Run, folder: str | Path, seed: int, overrides: dict) -> Run:
     "A fresh run folder with `base`'s data, tokenizer and tokens (hard links) and its preset with `seed` and `overrides`."
     d = Path(folder)
     shutil.rmtree(d, ignore_errors=True)
-    (d/".stages").mkdir(parents=True)
-    for sub in ("data", "tokenizer", "tokens"): shutil.copytree(base/sub, d/sub, copy_function=os.link)
-    for s in ("data", "tokenizer"): shutil.copy(base/".stages"/f"{s}.json", d/".stages"/f"{s}.json")
+    (d / ".stages").mkdir(parents=True)
+    for sub in ("data", "tokenizer", "tokens"):
+        shutil.copytree(base / sub, d / sub, copy_function=os.link)
+    for s in ("data", "tokenizer"):
+        shutil.copy(base / ".stages" / f"{s}.json", d / ".stages" / f"{s}.json")
     run = Run(d, apply_overrides(replace(base.preset, seed=seed), overrides))
     run.save_config()
     return run
@@ -47,10 +52,18 @@ def speedrun_trial(base: Run, folder: str | Path, seed: int, overrides: dict, mi
     "Pretrain one trial fitted to `minutes`: its final val bpb, steps, time, throughput, machine and curve."
     run, m0, t0 = trial_run(base, folder, seed, overrides), machine(), time.time()
     s = pretrain_stage(run, fit_minutes=minutes, progress=False, log=lambda line: None)
-    curve = [(r["step"], r["val_bpb"]) for r in read_log(run/"pretrain"/"log.jsonl") if "val_bpb" in r]
-    shutil.rmtree(run/"pretrain"/"ckpt", ignore_errors=True)           # resume state: not needed once finished
-    return {"seed": seed, "val_bpb": s["val_bpb"], "steps": s["steps"], "minutes": round((time.time() - t0) / 60, 2),
-            "tok_s": s["tok_s"], "machine_start": m0, "machine_end": machine(), "curve": curve}
+    curve = [(r["step"], r["val_bpb"]) for r in read_log(run / "pretrain" / "log.jsonl") if "val_bpb" in r]
+    shutil.rmtree(run / "pretrain" / "ckpt", ignore_errors=True)  # resume state: not needed once finished
+    return {
+        "seed": seed,
+        "val_bpb": s["val_bpb"],
+        "steps": s["steps"],
+        "minutes": round((time.time() - t0) / 60, 2),
+        "tok_s": s["tok_s"],
+        "machine_start": m0,
+        "machine_end": machine(),
+        "curve": curve,
+    }
 
 # %% ../nbs/06a_speedrun.ipynb #f5328d6c
 def read_record(path: str | Path) -> dict:
@@ -58,7 +71,10 @@ def read_record(path: str | Path) -> dict:
     p = Path(path)
     return json.loads(p.read_text()) if p.exists() else {"rows": []}
 
-def add_row(path: str | Path, change: str, base: str | None, overrides: dict, trials: list[dict], minutes: float) -> dict:
+
+def add_row(
+    path: str | Path, change: str, base: str | None, overrides: dict, trials: list[dict], minutes: float
+) -> dict:
     "Append (or replace) row `change` in the record at `path`, atomically."
     rec = read_record(path)
     rows = [r for r in rec["rows"] if r["change"] != change]
@@ -66,37 +82,58 @@ def add_row(path: str | Path, change: str, base: str | None, overrides: dict, tr
     atomic_write(path, {**rec, "rows": rows})
     return rec
 
-def _sd(xs): return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+def _sd(xs):
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
 
 def record_table(rec: dict) -> list[dict]:
     "Per row: mean ± sd of the final val bpb, the paired delta against its base row (same seeds), kept or not."
     rows, out = {r["change"]: r for r in rec["rows"]}, []
     for r in rec["rows"]:
         bpb = {t["seed"]: t["val_bpb"] for t in r["trials"]}
-        row = {"change": r["change"], "base": r["base"], "seeds": len(bpb), "steps": round(statistics.mean(t["steps"] for t in r["trials"])),
-               "mean": round(statistics.mean(bpb.values()), 4), "sd": round(_sd(list(bpb.values())), 4),
-               "delta": None, "kept": r["base"] is None}
+        row = {
+            "change": r["change"],
+            "base": r["base"],
+            "seeds": len(bpb),
+            "steps": round(statistics.mean(t["steps"] for t in r["trials"])),
+            "mean": round(statistics.mean(bpb.values()), 4),
+            "sd": round(_sd(list(bpb.values())), 4),
+            "delta": None,
+            "kept": r["base"] is None,
+        }
         if r["base"] is not None:
             b = {t["seed"]: t["val_bpb"] for t in rows[r["base"]]["trials"]}
             shared = sorted(set(b) & set(bpb))
-            if not shared: raise ValueError(f"speedrun record: row {r['change']!r} shares no seed with its base {r['base']!r}")
+            if not shared:
+                raise ValueError(f"speedrun record: row {r['change']!r} shares no seed with its base {r['base']!r}")
             d = statistics.mean(bpb[s] - b[s] for s in shared)
             row["delta"], row["kept"] = round(d, 4), d < 0 and -d > max(row["sd"], _sd([b[s] for s in shared]))
         out.append(row)
     return out
 
 # %% ../nbs/06a_speedrun.ipynb #52efe2d0
-def speedrun(base: Run, record: str | Path, change: str, overrides: dict, parent: str | None = None,
-             seeds=SEEDS, minutes: float = 10.0, work: str | Path | None = None, log=print) -> dict:
+def speedrun(
+    base: Run,
+    record: str | Path,
+    change: str,
+    overrides: dict,
+    parent: str | None = None,
+    seeds=SEEDS,
+    minutes: float = 10.0,
+    work: str | Path | None = None,
+    log=print,
+) -> dict:
     "Run `change` (overrides of the whole recipe) on every seed, fitted to `minutes`, and add its row to `record`."
     ensure(base, "tokenizer", log=lambda line: None)
-    work = Path(work or base.root.parent/"speedrun_trials")
+    work = Path(work or base.root.parent / "speedrun_trials")
     trials = []
     for seed in seeds:
-        trials.append(speedrun_trial(base, work/f"{change}-{seed}", seed, overrides, minutes))
+        trials.append(speedrun_trial(base, work / f"{change}-{seed}", seed, overrides, minutes))
         log(f"{change} seed {seed}: val_bpb {trials[-1]['val_bpb']} in {trials[-1]['steps']} steps")
     add_row(record, change, parent, overrides, trials, minutes)
     return next(r for r in record_table(read_record(record)) if r["change"] == change)
+
 
 def main(argv: list[str] | None = None) -> dict:
     "Command line: run one speedrun change and add it to the record."
@@ -106,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--record", default="nbs/results/speedrun.json")
     ap.add_argument("--change", required=True, help="the row's name")
     ap.add_argument("--parent", help="the row this change modifies (its paired baseline)")
-    ap.add_argument("--overrides", default="{}", help='the whole recipe\'s overrides as JSON, e.g. \'{"pretrain": {"lr": 4e-3}}\'')
+    ap.add_argument(
+        "--overrides", default="{}", help='the whole recipe\'s overrides as JSON, e.g. \'{"pretrain": {"lr": 4e-3}}\''
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--minutes", type=float, default=10.0)
     a = ap.parse_args(argv)
@@ -114,5 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(row))
     return row
 
+
 # `python -m microlm.speedrun`; not when this cell runs in a notebook
-if __name__ == "__main__" and "__file__" in globals(): main()
+if __name__ == "__main__" and "__file__" in globals():
+    main()

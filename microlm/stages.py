@@ -20,42 +20,113 @@ __all__ = ['STAGES', 'Stage', 'get_stage', 'plan', 'sha256_file', 'scan', 'diges
 @dataclass(frozen=True)
 class Stage:
     "One stage, declared once: what it reads, what it writes, the function that does it, and how it is shown."
-    name: str            # the subcommand (`microlm data`) and the marker's name
-    deps: tuple          # stages whose outputs it reads
-    sections: tuple      # preset sections it reads (the seed always counts)
-    outputs: tuple       # files or folders it writes, relative to the run folder
-    fn: str              # "module:function" that does the work, imported only when the stage runs
-    title: str           # its heading in the report
-    help: str            # its line in `microlm --help`
-    inputs: tuple = ()   # preset fields ("section.field") that may name a local file or folder it reads
+
+    name: str  # the subcommand (`microlm data`) and the marker's name
+    deps: tuple  # stages whose outputs it reads
+    sections: tuple  # preset sections it reads (the seed always counts)
+    outputs: tuple  # files or folders it writes, relative to the run folder
+    fn: str  # "module:function" that does the work, imported only when the stage runs
+    title: str  # its heading in the report
+    help: str  # its line in `microlm --help`
+    inputs: tuple = ()  # preset fields ("section.field") that may name a local file or folder it reads
 
 # %% ../nbs/01_stages.ipynb #05c02d93
-STAGES = {s.name: s for s in (
-    Stage("data", (), ("data",), ("data",), "microlm.data:data_stage", "Data",
-          "read, clean and split the corpus into data/{train,valid,test}.txt", inputs=("data.source",)),
-    Stage("tokenizer", ("data",), ("tokenizer",), ("tokenizer", "tokens"), "microlm.tokenizer:tokenizer_stage",
-          "Tokenizer", "train the byte-level BPE tokenizer and encode the splits into token memmaps"),
-    Stage("pretrain", ("tokenizer",), ("model", "pretrain"), ("pretrain",), "microlm.train:pretrain_stage",
-          "Pretraining", "pretrain the decoder on the token memmaps (resumes from checkpoints)"),
-    Stage("sft", ("pretrain",), ("sft_data", "sft"), ("sft",), "microlm.sft:sft_stage", "Supervised fine-tuning",
-          "supervised fine-tuning on structured tasks and conversations"),
-    Stage("lora", ("pretrain",), ("sft_data", "lora", "lora_train"), ("lora",), "microlm.lora:lora_stage",
-          "LoRA fine-tuning", "LoRA fine-tuning of the pretrained model"),
-    Stage("pretrained", ("data",), ("sft_data", "pretrained", "pretrained_lora", "pretrained_train"),
-          ("pretrained", "hf/smol_base", "hf/smol_lora"), "microlm.pretrained:pretrained_stage", "Pretrained track (SmolLM2 + PEFT LoRA)",
-          "the SmolLM2 track: PEFT LoRA fine-tuning of a pretrained instruct model", inputs=("pretrained.model",)),
-    Stage("export", ("sft", "lora"), (), ("hf/own_base", "hf/own_sft", "hf/own_lora", "hf/own_lora_adapter"),
-          "microlm.export:export_stage", "Export to Hugging Face", "export the own models as Hugging Face Llama folders"),
-    Stage("eval", ("export", "pretrained"), ("eval",), ("eval",), "microlm.evaluate:eval_stage", "Evaluation",
-          "evaluate all models and write the leaderboard"),
-    Stage("verify", ("eval",), ("serve",), ("verify",), "microlm.verify:verify_stage", "Deployment on vLLM",
-          "serve on vLLM and run smoke, benchmark and stability checks"),
-)}
+STAGES = {
+    s.name: s
+    for s in (
+        Stage(
+            "data",
+            (),
+            ("data",),
+            ("data",),
+            "microlm.data:data_stage",
+            "Data",
+            "read, clean and split the corpus into data/{train,valid,test}.txt",
+            inputs=("data.source",),
+        ),
+        Stage(
+            "tokenizer",
+            ("data",),
+            ("tokenizer",),
+            ("tokenizer", "tokens"),
+            "microlm.tokenizer:tokenizer_stage",
+            "Tokenizer",
+            "train the byte-level BPE tokenizer and encode the splits into token memmaps",
+        ),
+        Stage(
+            "pretrain",
+            ("tokenizer",),
+            ("model", "pretrain"),
+            ("pretrain",),
+            "microlm.train:pretrain_stage",
+            "Pretraining",
+            "pretrain the decoder on the token memmaps (resumes from checkpoints)",
+        ),
+        Stage(
+            "sft",
+            ("pretrain",),
+            ("sft_data", "sft"),
+            ("sft",),
+            "microlm.sft:sft_stage",
+            "Supervised fine-tuning",
+            "supervised fine-tuning on structured tasks and conversations",
+        ),
+        Stage(
+            "lora",
+            ("pretrain",),
+            ("sft_data", "lora", "lora_train"),
+            ("lora",),
+            "microlm.lora:lora_stage",
+            "LoRA fine-tuning",
+            "LoRA fine-tuning of the pretrained model",
+        ),
+        Stage(
+            "pretrained",
+            ("data",),
+            ("sft_data", "pretrained", "pretrained_lora", "pretrained_train"),
+            ("pretrained", "hf/smol_base", "hf/smol_lora"),
+            "microlm.pretrained:pretrained_stage",
+            "Pretrained track (SmolLM2 + PEFT LoRA)",
+            "the SmolLM2 track: PEFT LoRA fine-tuning of a pretrained instruct model",
+            inputs=("pretrained.model",),
+        ),
+        Stage(
+            "export",
+            ("sft", "lora"),
+            (),
+            ("hf/own_base", "hf/own_sft", "hf/own_lora", "hf/own_lora_adapter"),
+            "microlm.export:export_stage",
+            "Export to Hugging Face",
+            "export the own models as Hugging Face Llama folders",
+        ),
+        Stage(
+            "eval",
+            ("export", "pretrained"),
+            ("eval",),
+            ("eval",),
+            "microlm.evaluate:eval_stage",
+            "Evaluation",
+            "evaluate all models and write the leaderboard",
+        ),
+        Stage(
+            "verify",
+            ("eval",),
+            ("serve",),
+            ("verify",),
+            "microlm.verify:verify_stage",
+            "Deployment on vLLM",
+            "serve on vLLM and run smoke, benchmark and stability checks",
+        ),
+    )
+}
+
 
 def get_stage(name: str) -> Stage:
     "The stage called `name`, or a clear error listing the stages."
-    if name not in STAGES: raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
     return STAGES[name]
+
 
 def plan(name: str) -> list[str]:
     "The stages `name` needs, in pipeline order, ending with itself."
@@ -76,48 +147,69 @@ def sha256_file(path: str | Path) -> str:
             h.update(block)
     return h.hexdigest()
 
+
 def _files(path: Path) -> list[Path]:
     "The files a path stands for: itself, or every file below it except hidden ones and `ckpt/` resume state."
-    if path.is_file(): return [path]
-    if not path.is_dir(): return []
-    return sorted(f for f in path.rglob("*") if f.is_file()
-                  and not any(p.startswith(".") or p == "ckpt" for p in f.relative_to(path).parts))
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    return sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file() and not any(p.startswith(".") or p == "ckpt" for p in f.relative_to(path).parts)
+    )
+
 
 def scan(root: Path, paths: tuple | list, known: dict | None = None) -> dict[str, list]:
     "`{relative path: [size, mtime_ns, sha256]}` of the files below `paths`; hashes only what `known` cannot vouch for."
     known, out = known or {}, {}
     for p in paths:
-        for f in _files(root/p):
+        for f in _files(root / p):
             rel, st = f.relative_to(root).as_posix(), f.stat()
             k = known.get(rel)
             same = k is not None and k[:2] == [st.st_size, st.st_mtime_ns]
             out[rel] = k if same else [st.st_size, st.st_mtime_ns, sha256_file(f)]
     return out
 
+
 def digest(files: dict[str, list]) -> str:
     "One hash for a scan: the files' names and contents, not their times."
     return stable_hash({k: v[2] for k, v in files.items()})
 
+
 def diff(old: dict, new: dict) -> str:
     "What changed between two scans, in words ('' when nothing did)."
-    parts = {"missing": [k for k in old if k not in new], "added": [k for k in new if k not in old],
-             "changed": [k for k in new if k in old and new[k][2] != old[k][2]]}
-    return "; ".join(f"{verb} {', '.join(ks[:3])}" + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
-                     for verb, ks in parts.items() if ks)
+    parts = {
+        "missing": [k for k in old if k not in new],
+        "added": [k for k in new if k not in old],
+        "changed": [k for k in new if k in old and new[k][2] != old[k][2]],
+    }
+    return "; ".join(
+        f"{verb} {', '.join(ks[:3])}" + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
+        for verb, ks in parts.items()
+        if ks
+    )
 
 # %% ../nbs/01_stages.ipynb #10ebc520
-def marker_path(run: Run, name: str) -> Path: return run/".stages"/f"{name}.json"
+def marker_path(run: Run, name: str) -> Path:
+    return run / ".stages" / f"{name}.json"
+
 
 def read_marker(run: Run, name: str) -> dict | None:
     "The record a finished stage left (config, inputs, outputs, summary), or None."
     m = marker_path(run, name)
-    try: return json.loads(m.read_text())
-    except (FileNotFoundError, json.JSONDecodeError): return None
+    try:
+        return json.loads(m.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
 
 def config_hashes(preset: Preset, stage: Stage) -> dict[str, str]:
     "One hash per preset section the stage reads, and the seed."
     d = preset.to_dict()
     return {"seed": stable_hash(preset.seed), **{s: stable_hash(d[s]) for s in stage.sections}}
+
 
 def input_scans(run: Run, stage: Stage, known: dict | None = None) -> dict[str, dict]:
     "The local files or folders named by the stage's `inputs` fields, scanned (fields naming no path are left out)."
@@ -126,14 +218,17 @@ def input_scans(run: Run, stage: Stage, known: dict | None = None) -> dict[str, 
         section, key = field.split(".")
         value = getattr(getattr(run.preset, section), key)
         p = Path(value).expanduser().absolute()
-        if not p.exists(): continue
+        if not p.exists():
+            continue
         root, paths = (p, ["."]) if p.is_dir() else (p.parent, [p.name])
         out[field] = scan(root, paths, (known or {}).get(field))
     return out
 
+
 def upstream_digests(run: Run, stage: Stage) -> dict[str, str | None]:
     "The output digest each upstream stage recorded when it finished (None where it has not)."
     return {d: (read_marker(run, d) or {}).get("outputs_digest") for d in stage.deps}
+
 
 def fingerprint(run: Run, name: str) -> dict:
     "What a stage's outputs are made from: config hashes, upstream digests, input scans, and one `key` of them all."
@@ -142,67 +237,99 @@ def fingerprint(run: Run, name: str) -> dict:
     fp = dict(config=config_hashes(run.preset, stage), upstream=upstream_digests(run, stage), inputs=inputs)
     return dict(fp, key=stable_hash({"stage": name, **fp, "inputs": {f: digest(s) for f, s in inputs.items()}}))
 
+
 def stage_key(run: Run, name: str) -> str:
     "One hash of everything `name`'s outputs depend on (checkpoints carry it, so a resume never mixes two versions)."
     return fingerprint(run, name)["key"]
 
 # %% ../nbs/01_stages.ipynb #bb7e7be0
-def _running_path(run: Run, name: str) -> Path: return run/".stages"/f"{name}.running"
+def _running_path(run: Run, name: str) -> Path:
+    return run / ".stages" / f"{name}.running"
 
-def stale_reason(run: Run, name: str,
-                 memo: dict | None = None, # answers already found in this check (each upstream stage is judged once)
-                ) -> str | None:
+
+def stale_reason(
+    run: Run,
+    name: str,
+    memo: dict | None = None,  # answers already found in this check (each upstream stage is judged once)
+) -> str | None:
     "Why stage `name` is not current, in words; None when it is."
     memo = {} if memo is None else memo
-    if name not in memo: memo[name] = _stale_reason(run, name, memo)
+    if name not in memo:
+        memo[name] = _stale_reason(run, name, memo)
     return memo[name]
+
 
 def _stale_reason(run: Run, name: str, memo: dict) -> str | None:
     stage, m = get_stage(name), read_marker(run, name)
     if m is None:
-        try: running = json.loads(_running_path(run, name).read_text())
-        except (FileNotFoundError, json.JSONDecodeError): return "never run"
+        try:
+            running = json.loads(_running_path(run, name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return "never run"
         return f"paused: {running['paused']}" if "paused" in running else "interrupted: started, never finished"
-    if "outputs" not in m: return "made by an older microlm (no fingerprints)"
+    if "outputs" not in m:
+        return "made by an older microlm (no fingerprints)"
     changed = [k for k, h in config_hashes(run.preset, stage).items() if m["config"].get(k) != h]
-    if changed: return f"config changed: {', '.join(changed)}"
+    if changed:
+        return f"config changed: {', '.join(changed)}"
     for d in stage.deps:
-        if (why := stale_reason(run, d, memo)) is not None: return f"upstream stage {d} is not current ({why})"
+        if (why := stale_reason(run, d, memo)) is not None:
+            return f"upstream stage {d} is not current ({why})"
     moved = [d for d, h in upstream_digests(run, stage).items() if h != m["upstream"].get(d)]
-    if moved: return f"input changed: {', '.join(moved)} made new outputs"
+    if moved:
+        return f"input changed: {', '.join(moved)} made new outputs"
     now = input_scans(run, stage, m["inputs"])
     for field in sorted(set(now) | set(m["inputs"])):
-        if what := diff(m["inputs"].get(field, {}), now.get(field, {})): return f"input changed: {field}: {what}"
-    if what := diff(m["outputs"], scan(run.root, stage.outputs, m["outputs"])): return f"output changed: {what}"
+        if what := diff(m["inputs"].get(field, {}), now.get(field, {})):
+            return f"input changed: {field}: {what}"
+    if what := diff(m["outputs"], scan(run.root, stage.outputs, m["outputs"])):
+        return f"output changed: {what}"
     return None
 
-def is_current(run: Run, name: str) -> bool: return stale_reason(run, name) is None
+
+def is_current(run: Run, name: str) -> bool:
+    return stale_reason(run, name) is None
 
 # %% ../nbs/01_stages.ipynb #ee6a58f6
-def _rank0() -> bool: return int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes markers
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes markers
 
-def execute(run: Run, name: str, body: Callable, force: bool = False, log: Callable = print, step: str = "",
-            **kw) -> dict:
+
+def execute(
+    run: Run, name: str, body: Callable, force: bool = False, log: Callable = print, step: str = "", **kw
+) -> dict:
     "Run `body(run, force, **kw)` unless stage `name` is current; record what it was made from. Returns its summary."
     why = "forced" if force else stale_reason(run, name)
     if why is None:
         log(f"{step}{name}: up to date")
         return read_marker(run, name)["summary"]
     log(f"{step}{name}: running ({why})")
-    t0, fp = time.time(), fingerprint(run, name)      # inputs as they were when the work began
+    t0, fp = time.time(), fingerprint(run, name)  # inputs as they were when the work began
     running = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if _rank0(): atomic_write(_running_path(run, name), running)
+    if _rank0():
+        atomic_write(_running_path(run, name), running)
     summary = body(run, force=force, **kw)
     if summary.get("incomplete"):
-        if _rank0(): atomic_write(_running_path(run, name), dict(running, paused=summary["incomplete"]))
+        if _rank0():
+            atomic_write(_running_path(run, name), dict(running, paused=summary["incomplete"]))
         log(f"{step}{name}: paused ({summary['incomplete']}); run it again to continue")
         return summary
     if _rank0():
-        run.save_config()                                 # only now: a failed attempt leaves config.json as it was
+        run.save_config()  # only now: a failed attempt leaves config.json as it was
         outputs = scan(run.root, get_stage(name).outputs)
-        atomic_write(marker_path(run, name), dict(stage=name, preset=run.preset.name, **fp, outputs=outputs,
-                     outputs_digest=digest(outputs), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     seconds=round(time.time() - t0, 2), summary=summary))
+        atomic_write(
+            marker_path(run, name),
+            dict(
+                stage=name,
+                preset=run.preset.name,
+                **fp,
+                outputs=outputs,
+                outputs_digest=digest(outputs),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                seconds=round(time.time() - t0, 2),
+                summary=summary,
+            ),
+        )
         _running_path(run, name).unlink(missing_ok=True)
     log(f"{step}{name}: done in {time.time() - t0:.1f}s")
     return summary
@@ -211,11 +338,14 @@ def execute(run: Run, name: str, body: Callable, force: bool = False, log: Calla
 def stage_body(name: str) -> Callable:
     "Decorator: `fn(run, force, **kw)` becomes the body of stage `name`, which every call runs through `execute`."
     get_stage(name)
+
     def wrap(body: Callable) -> Callable:
         @functools.wraps(body)
         def run_it(run: Run, force: bool = False, log: Callable = print, step: str = "", **kw) -> dict:
             return execute(run, name, body, force, log, step, **kw)
+
         return run_it
+
     return wrap
 
 # %% ../nbs/01_stages.ipynb #da16860e
@@ -224,12 +354,14 @@ def run_stage(run: Run, name: str, force: bool = False, step: str = "", log: Cal
     module, fn = get_stage(name).fn.split(":")
     return getattr(importlib.import_module(module), fn)(run, force=force, log=log, step=step, **kw)
 
+
 def ensure(run: Run, name: str, force: bool = False, log: Callable = print) -> dict:
     "Run `name` and, first, every stage it depends on that is not current (like `make`). Returns `name`'s summary."
     steps = plan(name)
     for i, s in enumerate(steps, 1):
         summary = run_stage(run, s, force=force and s == name, step=f"[{i}/{len(steps)}] ", log=log)
     return summary
+
 
 def status_table(run: Run) -> str:
     "Each stage of `run`: current or not, and why not."

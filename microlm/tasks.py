@@ -20,12 +20,16 @@ __all__ = ['SCHEMAS', 'KINDS', 'TASKS', 'numeral', 'parse_play', 'moves', 'schem
 _ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
 _ORDINAL = {w: i + 1 for i, w in enumerate("FIRST SECOND THIRD FOURTH FIFTH SIXTH SEVENTH".split())}
 
+
 def numeral(s: str) -> int | None:
     "The number written as `s` (roman `IV`, arabic `4` or ordinal `FOURTH`), else None."
     s = s.upper().strip(". ")
-    if s.isdigit(): return int(s)
-    if s in _ORDINAL: return _ORDINAL[s]
-    if not s or any(c not in _ROMAN for c in s): return None
+    if s.isdigit():
+        return int(s)
+    if s in _ORDINAL:
+        return _ORDINAL[s]
+    if not s or any(c not in _ROMAN for c in s):
+        return None
     vals = [_ROMAN[c] for c in s]
     return sum(-v if i + 1 < len(vals) and vals[i + 1] > v else v for i, v in enumerate(vals))
 
@@ -33,9 +37,13 @@ def numeral(s: str) -> int | None:
 _HEAD = re.compile(r"^(ACT|SCENE)\s+([IVXL]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b[.:]?(.*)$", re.I)
 _TAG = re.compile(r"^[A-Z][A-Za-z'\-]*\.?(?:\s+[A-Za-z'\-]+\.?){0,3}$")
 
+
 def _is_tag(line: str) -> bool:
     line = line.strip()
-    return bool(_TAG.match(line)) and len(line) <= 30 and (line.endswith(".") or line.isupper()) and not _HEAD.match(line)
+    return (
+        bool(_TAG.match(line)) and len(line) <= 30 and (line.endswith(".") or line.isupper()) and not _HEAD.match(line)
+    )
+
 
 def parse_play(text: str) -> list[dict]:
     "The blocks of a play in order: `heading`, `speech` (speaker, lines), `direction` or `other`, each with its act and scene."
@@ -49,53 +57,72 @@ def parse_play(text: str) -> list[dict]:
             rest = m.group(3).strip()
             if m.group(1).upper() == "ACT":
                 act, scene, act_line = numeral(m.group(2)), None, lines[0]
-                if (m2 := _HEAD.match(rest.lstrip(" .-"))) and m2.group(1).upper() == "SCENE": scene, scene_line = numeral(m2.group(2)), rest.lstrip(" .-")
-            else: scene, scene_line = numeral(m.group(2)), lines[0]
+                if (m2 := _HEAD.match(rest.lstrip(" .-"))) and m2.group(1).upper() == "SCENE":
+                    scene, scene_line = numeral(m2.group(2)), rest.lstrip(" .-")
+            else:
+                scene, scene_line = numeral(m.group(2)), lines[0]
             out.append(dict(type="heading", act=act, scene=scene, act_line=act_line, scene_line=scene_line))
             lines = lines[1:]
-        if not lines: continue
+        if not lines:
+            continue
         ctx = dict(act=act, scene=scene, act_line=act_line, scene_line=scene_line)
         if pending:
             out.append(dict(type="speech", speaker=pending, lines=lines, **ctx))
             pending = None
-        elif lines[0].startswith("["): out.append(dict(type="direction", text=" ".join(lines), **ctx))
-        elif _is_tag(lines[0]) and act is not None and len(lines) == 1: pending = lines[0].rstrip(". ")
-        elif _is_tag(lines[0]) and act is not None: out.append(dict(type="speech", speaker=lines[0].rstrip(". "),
-                                                                    lines=lines[1:], **ctx))
-        else: out.append(dict(type="other", text="\n".join(lines), **ctx))
+        elif lines[0].startswith("["):
+            out.append(dict(type="direction", text=" ".join(lines), **ctx))
+        elif _is_tag(lines[0]) and act is not None and len(lines) == 1:
+            pending = lines[0].rstrip(". ")
+        elif _is_tag(lines[0]) and act is not None:
+            out.append(dict(type="speech", speaker=lines[0].rstrip(". "), lines=lines[1:], **ctx))
+        else:
+            out.append(dict(type="other", text="\n".join(lines), **ctx))
     return out
 
 # %% ../nbs/08_tasks.ipynb #fb771203
 _MOVE = re.compile(r"\b(Enter|Re-enter|Exit|Exeunt)\b([^.\]\[;:]*)")
 
+
 def _names(s: str) -> list[str]:
     out = []
     for part in re.split(r",|\band\b|\bwith\b|&", s):
         words = part.split()
-        while words and not words[0][0].isupper(): words = words[1:]
-        if words and words[0] in ("A", "An", "The", "Two", "Three", "Both", "All"): words = words[1:]
-        if words and words[0][0].isupper(): out.append(" ".join(words))
+        while words and not words[0][0].isupper():
+            words = words[1:]
+        if words and words[0] in ("A", "An", "The", "Two", "Three", "Both", "All"):
+            words = words[1:]
+        if words and words[0][0].isupper():
+            out.append(" ".join(words))
     return out
+
 
 def moves(direction: str, last_speaker: str | None = None) -> tuple[list[str], list[str]]:
     "The characters a stage direction brings on and takes off: (enter, exit)."
     enter, exit_ = [], []
     for verb, rest in _MOVE.findall(direction):
-        if " but " in f" {rest} ": continue                  # 'Exeunt all but Hamlet': ambiguous, skipped
+        if " but " in f" {rest} ":
+            continue  # 'Exeunt all but Hamlet': ambiguous, skipped
         names = _names(rest)
-        if verb in ("Enter", "Re-enter"): enter += names
-        elif names: exit_ += names
-        elif verb == "Exit" and last_speaker: exit_.append(last_speaker)
-        elif verb == "Exeunt": exit_.append("all")
+        if verb in ("Enter", "Re-enter"):
+            enter += names
+        elif names:
+            exit_ += names
+        elif verb == "Exit" and last_speaker:
+            exit_.append(last_speaker)
+        elif verb == "Exeunt":
+            exit_.append("all")
     return enter, exit_
 
 # %% ../nbs/08_tasks.ipynb #ac25715e
-def _where(path) -> str: return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+def _where(path) -> str:
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
 
 def schema_errors(obj, schema: dict) -> list[str]:
     "Why `obj` does not satisfy `schema`: one `$.path: message` line per violation (jsonschema); empty when it does."
     errors = jsonschema.Draft202012Validator(schema).iter_errors(obj)
     return sorted(f"{_where(e.absolute_path)}: {e.message}" for e in errors)
+
 
 def schema_valid(obj, schema: dict) -> bool:
     "Whether `obj` satisfies `schema` (jsonschema, Draft 2020-12)."
@@ -104,6 +131,8 @@ def schema_valid(obj, schema: dict) -> bool:
 # %% ../nbs/08_tasks.ipynb #216aa2e7
 def _obj(**props) -> dict:
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
 _S, _I = {"type": "string"}, {"type": "integer"}
 _LS = {"type": "array", "items": _S}
 SCHEMAS = {
@@ -114,39 +143,51 @@ SCHEMAS = {
 }
 KINDS = tuple(SCHEMAS)
 
+
 def schema_hint(schema: dict) -> str:
     "A compact, prompt-sized rendering of a schema: `{act:int,speakers:[str]}`."
     t = schema.get("type")
-    if t == "object": return "{" + ",".join(f"{k}:{schema_hint(v)}" for k, v in schema["properties"].items()) + "}"
-    if t == "array": return f"[{schema_hint(schema['items'])}]"
+    if t == "object":
+        return "{" + ",".join(f"{k}:{schema_hint(v)}" for k, v in schema["properties"].items()) + "}"
+    if t == "array":
+        return f"[{schema_hint(schema['items'])}]"
     return {"string": "str", "integer": "int", "number": "num", "boolean": "bool"}.get(t, str(t))
 
 # %% ../nbs/08_tasks.ipynb #db18baf7
-def _speech_text(b: dict, max_lines: int) -> str: return "\n".join([b["speaker"] + "."] + b["lines"][:max_lines])
-def _compact(obj) -> str: return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+def _speech_text(b: dict, max_lines: int) -> str:
+    return "\n".join([b["speaker"] + "."] + b["lines"][:max_lines])
+
+
+def _compact(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
 
 def _window(blocks: list[dict], rng: random.Random, k: int, types=("speech", "direction")) -> list[dict]:
     "k consecutive blocks of `types` from one scene, starting at a random place."
     idx = [i for i, b in enumerate(blocks) if b["type"] in types and b["act"] is not None and b["scene"] is not None]
-    if not idx: return []
+    if not idx:
+        return []
     i = rng.choice(idx)
     out = []
     for b in blocks[i:]:
-        if b["type"] not in types or (b["act"], b["scene"]) != (blocks[i]["act"],
-                                                                blocks[i]["scene"]) or len(out) == k: break
+        if b["type"] not in types or (b["act"], b["scene"]) != (blocks[i]["act"], blocks[i]["scene"]) or len(out) == k:
+            break
         out.append(b)
     return out
+
 
 def task_extract(blocks, rng, k):
     "Schema-guided extraction: act, scene, speakers, entrances and exits of an excerpt."
     w, max_lines = _window(blocks, rng, k), 1 + (k > 2)
-    if not w: return None
+    if not w:
+        return None
     speakers, enter, exit_, last, parts = [], [], [], None, [w[0]["act_line"], w[0]["scene_line"]]
     for b in w:
         if b["type"] == "speech":
             parts.append(_speech_text(b, max_lines))
             last = b["speaker"]
-            if b["speaker"] not in speakers: speakers.append(b["speaker"])
+            if b["speaker"] not in speakers:
+                speakers.append(b["speaker"])
         else:
             parts.append(b["text"])
             e, x = moves(b["text"], last)
@@ -155,23 +196,29 @@ def task_extract(blocks, rng, k):
     gold = dict(act=w[0]["act"], scene=w[0]["scene"], speakers=speakers, enter=enter, exit=exit_)
     return f"Extract JSON {schema_hint(SCHEMAS['extract'])} from:\n" + "\n".join(p for p in parts if p), gold
 
+
 def task_to_json(blocks, rng, k):
     "Text to JSON: a dialogue passage to a list of {speaker, text}."
     max_lines = 1 + (k > 2)
     w = [b for b in _window(blocks, rng, k + 2) if b["type"] == "speech"][:k]
-    if not w: return None
+    if not w:
+        return None
     gold = dict(lines=[dict(speaker=b["speaker"], text=" ".join(b["lines"][:max_lines])) for b in w])
-    return f"Convert to JSON {schema_hint(SCHEMAS['to_json'])}:\n" + "\n".join(_speech_text(b,
-                                                                                            max_lines) for b in w), gold
+    return f"Convert to JSON {schema_hint(SCHEMAS['to_json'])}:\n" + "\n".join(
+        _speech_text(b, max_lines) for b in w
+    ), gold
+
 
 def task_format(blocks, rng, k):
     "Format following: JSON only, with the given keys, about one speech."
     w = _window(blocks, rng, 1, types=("speech",))
-    if not w: return None
+    if not w:
+        return None
     b = w[0]
     lines = b["lines"][:k]
     gold = dict(speaker=b["speaker"], first_word=re.findall(r"[A-Za-z']+", lines[0] + " x")[0], line_count=len(lines))
     return "Answer with JSON only, keys speaker, first_word, line_count.\n" + _speech_text(b, k), gold
+
 
 def _corrupt(obj: dict, rng: random.Random) -> tuple[str, str]:
     "A broken rendering of `obj` and what was broken."
@@ -179,33 +226,45 @@ def _corrupt(obj: dict, rng: random.Random) -> tuple[str, str]:
     how = rng.choice(["quote", "brace", "type", "extra"])
     if how == "quote":
         i = s.index('"', 1)
-        return s[:i] + s[i + 1:], how          # drop the closing quote of the first key
-    if how == "brace": return s[:-1], how
+        return s[:i] + s[i + 1 :], how  # drop the closing quote of the first key
+    if how == "brace":
+        return s[:-1], how
     if how == "type":
         k = rng.choice([k for k, v in obj.items() if isinstance(v, int)])
         return _compact({**obj, k: str(obj[k])}), how
     return _compact({**obj, rng.choice(["note", "id", "extra", "comment"]): rng.choice(["x", 1, True])}), how
 
+
 def task_repair(blocks, rng, k):
     "Schema repair: fix a corrupted JSON object against its schema."
     w = _window(blocks, rng, 1, types=("speech",))
-    if not w: return None
+    if not w:
+        return None
     b = w[0]
     gold = dict(speaker=b["speaker"], act=b["act"], scene=b["scene"], words=len(" ".join(b["lines"][:k]).split()))
     broken, _ = _corrupt(gold, rng)
     return f"Fix this JSON to match {schema_hint(SCHEMAS['repair'])}:\n{broken}", gold
 
+
 TASKS = {"extract": task_extract, "to_json": task_to_json, "format": task_format, "repair": task_repair}
 
 # %% ../nbs/08_tasks.ipynb #678fc3dc
-def make_task(kind: str, blocks: list[dict], rng: random.Random, fits: Callable[[list[dict]], bool] = lambda m: True,
-              max_chars: int = 600, k_max: int = 6, id: str = "") -> dict | None:
+def make_task(
+    kind: str,
+    blocks: list[dict],
+    rng: random.Random,
+    fits: Callable[[list[dict]], bool] = lambda m: True,
+    max_chars: int = 600,
+    k_max: int = 6,
+    id: str = "",
+) -> dict | None:
     "One example of `kind` from a parsed play that fits `max_chars` and `fits`, or None."
     state = rng.getstate()
     for k in range(k_max, 0, -1):
-        rng.setstate(state)                    # the same passage, shown shorter
+        rng.setstate(state)  # the same passage, shown shorter
         r = TASKS[kind](blocks, rng, k)
-        if r is None: return None
+        if r is None:
+            return None
         prompt, gold = r
         msgs = [dict(role="user", content=prompt), dict(role="assistant", content=_compact(gold))]
         if len(prompt) <= max_chars + 120 and fits(msgs):
@@ -213,18 +272,23 @@ def make_task(kind: str, blocks: list[dict], rng: random.Random, fits: Callable[
     return None
 
 # %% ../nbs/08_tasks.ipynb #2916b890
-def play_tasks(name: str, text: str, n: int, seed: int, fits=lambda m: True, max_chars: int = 600) -> tuple[list[dict],
-                                                                                                            int]:
+def play_tasks(
+    name: str, text: str, n: int, seed: int, fits=lambda m: True, max_chars: int = 600
+) -> tuple[list[dict], int]:
     "`n` examples from one play, kinds in rotation (up to `4n` tries); also how many tries did not fit."
     blocks = parse_play(text)
-    if not any(b["type"] == "speech" for b in blocks): return [], 0
+    if not any(b["type"] == "speech" for b in blocks):
+        return [], 0
     out, dropped = [], 0
     for i in range(4 * n):
-        if len(out) == n: break
+        if len(out) == n:
+            break
         kind = KINDS[i % len(KINDS)]
         ex = make_task(kind, blocks, random.Random(f"{seed}:{name}:{i}"), fits, max_chars, id=f"{name}-{i:04d}-{kind}")
-        if ex is None: dropped += 1
-        else: out.append(ex)
+        if ex is None:
+            dropped += 1
+        else:
+            out.append(ex)
     return out, dropped
 
 # %% ../nbs/08_tasks.ipynb #5e30f8fd
@@ -232,7 +296,8 @@ def split_tasks(run: Run, split: str, fits=lambda m: True) -> tuple[list[dict], 
     "The structured-task examples of one split of `run` (from `read_docs`), and counts of what was kept and dropped."
     cfg, docs = run.preset.sft_data, read_docs(run, split)
     n = cfg.tasks_per_play
-    if split != "train": n = max(n, math.ceil(cfg.eval_prompts / max(len(docs), 1)))
+    if split != "train":
+        n = max(n, math.ceil(cfg.eval_prompts / max(len(docs), 1)))
     out, dropped, plays = [], 0, 0
     for d in docs:
         ex, dr = play_tasks(d["name"], d["text"], n, run.preset.seed, fits, cfg.max_passage_chars)

@@ -36,31 +36,46 @@ def new_bpe() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     return tok
 
-def train_bpe(docs: Iterable[str], # training documents (or one text with documents joined by `EOT`)
-              vocab_size: int,     # size of the vocabulary, special tokens included
-              min_frequency: int = 2, # a pair must occur this often to be merged
-              special_tokens: tuple = SPECIAL_TOKENS) -> Tokenizer:
+
+def train_bpe(
+    docs: Iterable[str],  # training documents (or one text with documents joined by `EOT`)
+    vocab_size: int,  # size of the vocabulary, special tokens included
+    min_frequency: int = 2,  # a pair must occur this often to be merged
+    special_tokens: tuple = SPECIAL_TOKENS,
+) -> Tokenizer:
     "Train a byte-level BPE whose ids 0.. are `special_tokens`, then the 256 bytes, then the merges."
     floor = N_BYTES + len(special_tokens)
     if vocab_size < floor:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs {N_BYTES} byte tokens "
-                         f"+ {len(special_tokens)} special tokens = at least {floor}")
-    if isinstance(docs, str): docs = [docs]
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: a byte-level BPE needs {N_BYTES} byte tokens "
+            f"+ {len(special_tokens)} special tokens = at least {floor}"
+        )
+    if isinstance(docs, str):
+        docs = [docs]
     docs = [d for text in docs for d in text.split(EOT) if d]
-    if not docs: raise ValueError("train_bpe: the training text is empty; nothing to learn merges from")
+    if not docs:
+        raise ValueError("train_bpe: the training text is empty; nothing to learn merges from")
     tok = new_bpe()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
     if tok.get_vocab_size() < vocab_size:
-        warnings.warn(f"train_bpe: the training text supports only {tok.get_vocab_size()} tokens "
-                      f"(asked for {vocab_size}; min_frequency={min_frequency}); ids above are unused")
+        warnings.warn(
+            f"train_bpe: the training text supports only {tok.get_vocab_size()} tokens "
+            f"(asked for {vocab_size}; min_frequency={min_frequency}); ids above are unused"
+        )
     return tok
 
 # %% ../nbs/04_tokenizer.ipynb #04c445d5
 def encode(tok: Tokenizer | PreTrainedTokenizerFast, text: str) -> list[int]:
     "Token ids of `text`; special tokens inside it become their ids."
     return getattr(tok, "backend_tokenizer", tok).encode(text, add_special_tokens=False).ids
+
 
 def decode(tok: Tokenizer | PreTrainedTokenizerFast, ids) -> str:
     "The text of `ids`, special tokens included, no clean-up: the inverse of `encode`."
@@ -86,55 +101,77 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+
 def check_chat_template(template: str, special_tokens: Iterable[str] = SPECIAL_TOKENS) -> str:
     "Raise if `template` names a `<|...|>` token the tokenizer does not have (it would be split into bytes)."
     named = set(re.findall(r"<\|[^|<>'\"\s]*\|>", template))
     unknown = sorted(named - set(special_tokens))
-    if unknown: raise ValueError(f"chat template names special token(s) {unknown} that the tokenizer does not define; "
-                                 f"its special tokens are {list(special_tokens)}")
+    if unknown:
+        raise ValueError(
+            f"chat template names special token(s) {unknown} that the tokenizer does not define; "
+            f"its special tokens are {list(special_tokens)}"
+        )
     return template
 
 # %% ../nbs/04_tokenizer.ipynb #7b187343
-def to_hf(tok: Tokenizer, # a trained byte-level BPE whose first ids are `SPECIAL_TOKENS`
-          chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+def to_hf(
+    tok: Tokenizer,  # a trained byte-level BPE whose first ids are `SPECIAL_TOKENS`
+    chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
     "Wrap `tok` with the special-token roles and the (checked) chat template `transformers` and vLLM need."
     have = [tok.id_to_token(i) for i in range(len(SPECIAL_TOKENS))]
-    if have != list(SPECIAL_TOKENS): raise ValueError(f"tokenizer's first ids are {have}, expected "
-                                                      f"{list(SPECIAL_TOKENS)}")
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, unk_token=None, eos_token="<|im_end|>",
-                                 pad_token="<|pad|>", additional_special_tokens=[EOT, "<|im_start|>"],
-                                 chat_template=check_chat_template(chat_template, SPECIAL_TOKENS),
-                                 clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"])
+    if have != list(SPECIAL_TOKENS):
+        raise ValueError(f"tokenizer's first ids are {have}, expected {list(SPECIAL_TOKENS)}")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=[EOT, "<|im_start|>"],
+        chat_template=check_chat_template(chat_template, SPECIAL_TOKENS),
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
     hf.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)  # a Jinja syntax error surfaces here
     return hf
 
+
 def stop_ids(tok) -> list[int]:
     "Ids at which generation stops: end of turn and end of text."
-    ids = [tok.convert_tokens_to_ids(t) if hasattr(tok,
-                                                   "convert_tokens_to_ids") else tok.token_to_id(t) for t in STOP_TOKENS]
+    ids = [
+        tok.convert_tokens_to_ids(t) if hasattr(tok, "convert_tokens_to_ids") else tok.token_to_id(t)
+        for t in STOP_TOKENS
+    ]
     return [int(i) for i in ids]
+
 
 def save_tokenizer(hf: PreTrainedTokenizerFast, folder: str | Path) -> Path:
     "Write the Hugging Face tokenizer files into `folder` atomically."
     with atomic_dir(folder) as tmp:
         hf.save_pretrained(tmp)
-        cfg = json.loads((tmp/"tokenizer_config.json").read_text())
+        cfg = json.loads((tmp / "tokenizer_config.json").read_text())
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # names that transformers 4 and 5 (and so vLLM) both read
-        if "extra_special_tokens" in cfg: cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
-        atomic_write(tmp/"tokenizer_config.json", cfg)
+        if "extra_special_tokens" in cfg:
+            cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")
+        atomic_write(tmp / "tokenizer_config.json", cfg)
     return Path(folder)
+
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     "Load the tokenizer saved in `folder`, checking its special tokens and chat template."
     folder = Path(folder)
-    if not (folder/"tokenizer.json").exists():
+    if not (folder / "tokenizer.json").exists():
         what = "folder" if not folder.exists() else "file"
-        raise FileNotFoundError(f"no tokenizer: {folder/'tokenizer.json'} is missing ({what} not found); run the "
-                                f"tokenizer stage first")
+        raise FileNotFoundError(
+            f"no tokenizer: {folder / 'tokenizer.json'} is missing ({what} not found); run the tokenizer stage first"
+        )
     hf = AutoTokenizer.from_pretrained(str(folder))
     have = hf.convert_ids_to_tokens(list(range(len(SPECIAL_TOKENS))))
-    if have != list(SPECIAL_TOKENS): raise ValueError(f"{folder}: first ids are {have}, expected {list(SPECIAL_TOKENS)}")
-    if hf.chat_template is None: raise ValueError(f"{folder}: the tokenizer has no chat template")
+    if have != list(SPECIAL_TOKENS):
+        raise ValueError(f"{folder}: first ids are {have}, expected {list(SPECIAL_TOKENS)}")
+    if hf.chat_template is None:
+        raise ValueError(f"{folder}: the tokenizer has no chat template")
     check_chat_template(hf.chat_template, [t.content for t in hf.added_tokens_decoder.values() if t.special])
     return hf
 
@@ -143,63 +180,87 @@ def token_dtype(vocab_size: int) -> np.dtype:
     "The smallest unsigned dtype that holds every id."
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
+
 def encode_docs(tok: Tokenizer, text: str, dtype=np.uint32) -> np.ndarray:
     "Ids of `text` (documents joined by `EOT`), encoding the documents in parallel; equals `encode(tok, text)`."
     docs = text.split(EOT)
     encs = tok.encode_batch_fast(docs, add_special_tokens=False)  # no character offsets: faster
     parts = []
     for i, e in enumerate(encs):
-        if i: parts.append(np.array([EOT_ID], dtype=dtype))
+        if i:
+            parts.append(np.array([EOT_ID], dtype=dtype))
         parts.append(np.asarray(e.ids, dtype=dtype))
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-def write_tokens(tokenizer_dir: Path, # folder with `tokenizer.json`
-                 data_dir: Path,      # folder with `{split}.txt`
-                 out_dir: Path,       # where `{split}.bin` and `meta.json` go (swapped in atomically)
-                 splits: tuple = SPLITS) -> dict:
+
+def write_tokens(
+    tokenizer_dir: Path,  # folder with `tokenizer.json`
+    data_dir: Path,  # folder with `{split}.txt`
+    out_dir: Path,  # where `{split}.bin` and `meta.json` go (swapped in atomically)
+    splits: tuple = SPLITS,
+) -> dict:
     "Encode each split's text into `out_dir/{split}.bin` and write `meta.json`; returns the meta."
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir)/"tokenizer.json"))
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     V = tok.get_vocab_size()
     dtype = token_dtype(V)
-    meta = {"dtype": dtype.name, "vocab_size": V, "tokenizer_sha256": sha256_file(Path(tokenizer_dir)/"tokenizer.json"),
-            "tokens": {}, "bytes": {}, "bytes_per_token": {}, "encode_mb_per_s": {}}
+    meta = {
+        "dtype": dtype.name,
+        "vocab_size": V,
+        "tokenizer_sha256": sha256_file(Path(tokenizer_dir) / "tokenizer.json"),
+        "tokens": {},
+        "bytes": {},
+        "bytes_per_token": {},
+        "encode_mb_per_s": {},
+    }
     with atomic_dir(out_dir) as tmp:
         for s in splits:
-            src = Path(data_dir)/f"{s}.txt"
-            if not src.exists(): raise FileNotFoundError(f"{src} is missing; run the data stage first")
+            src = Path(data_dir) / f"{s}.txt"
+            if not src.exists():
+                raise FileNotFoundError(f"{src} is missing; run the data stage first")
             text = src.read_text(encoding="utf-8")
             nbytes = len(text.encode())
             t0 = time.perf_counter()
             ids = encode_docs(tok, text, dtype)
             dt = time.perf_counter() - t0
-            ids.tofile(tmp/f"{s}.bin")
+            ids.tofile(tmp / f"{s}.bin")
             meta["tokens"][s], meta["bytes"][s] = int(len(ids)), nbytes
             meta["bytes_per_token"][s] = round(nbytes / max(len(ids), 1), 4)
             meta["encode_mb_per_s"][s] = round(nbytes / 1e6 / max(dt, 1e-9), 2)
-        atomic_write(tmp/"meta.json", meta)
+        atomic_write(tmp / "meta.json", meta)
     return meta
+
 
 def load_tokens(run: Run, split: str) -> np.memmap:
     "The token memmap of `split` (read-only), checked against the run's tokenizer."
-    if split not in SPLITS: raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
-    mpath, bpath, tpath = run/"tokens"/"meta.json", run/"tokens"/f"{split}.bin", run/"tokenizer"/"tokenizer.json"
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
+    mpath, bpath, tpath = (
+        run / "tokens" / "meta.json",
+        run / "tokens" / f"{split}.bin",
+        run / "tokenizer" / "tokenizer.json",
+    )
     for p in (mpath, bpath, tpath):
-        if not p.exists(): raise FileNotFoundError(f"{p} is missing; run the tokenizer stage first")
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing; run the tokenizer stage first")
     meta = json.loads(mpath.read_text())
     sha = sha256_file(tpath)
     if meta["tokenizer_sha256"] != sha:
-        raise ValueError(f"{run/'tokens'} was encoded with tokenizer sha256 {meta['tokenizer_sha256'][:12]}…, but {tpath} "
-                         f"has sha256 {sha[:12]}…; rerun the tokenizer stage (force=True)")
+        raise ValueError(
+            f"{run / 'tokens'} was encoded with tokenizer sha256 {meta['tokenizer_sha256'][:12]}…, but {tpath} "
+            f"has sha256 {sha[:12]}…; rerun the tokenizer stage (force=True)"
+        )
     V = Tokenizer.from_file(str(tpath)).get_vocab_size()
     if meta["vocab_size"] != V:
-        raise ValueError(f"{mpath} says vocab_size={meta['vocab_size']} but the tokenizer in {run/'tokenizer'} has {V} "
-                         f"tokens")
+        raise ValueError(
+            f"{mpath} says vocab_size={meta['vocab_size']} but the tokenizer in {run / 'tokenizer'} has {V} tokens"
+        )
     if np.dtype(meta["dtype"]) != token_dtype(V):
         raise ValueError(f"{mpath} says dtype={meta['dtype']} but a vocabulary of {V} needs {token_dtype(V).name}")
     n, item = meta["tokens"][split], np.dtype(meta["dtype"]).itemsize
     if bpath.stat().st_size != n * item:
-        raise ValueError(f"{bpath} has {bpath.stat().st_size} bytes, expected {n} tokens × {item} = {n*item}")
-    if n == 0: return np.zeros(0, dtype=meta["dtype"])  # an empty split (mmap cannot map an empty file)
+        raise ValueError(f"{bpath} has {bpath.stat().st_size} bytes, expected {n} tokens × {item} = {n * item}")
+    if n == 0:
+        return np.zeros(0, dtype=meta["dtype"])  # an empty split (mmap cannot map an empty file)
     return np.memmap(bpath, dtype=meta["dtype"], mode="r", shape=(n,))
 
 # %% ../nbs/04_tokenizer.ipynb #63ce6ade
@@ -207,14 +268,19 @@ def load_tokens(run: Run, split: str) -> np.memmap:
 def tokenizer_stage(run: Run, force: bool = False) -> dict:
     "Train the tokenizer on `run/'data'/train.txt`, save it to `run/'tokenizer'`, encode all splits into `run/'tokens'`."
     for s in SPLITS:
-        if not (run/"data"/f"{s}.txt").exists(): raise FileNotFoundError(f"{run/'data'/f'{s}.txt'} is missing; run the "
-                                                                         f"data stage first")
+        if not (run / "data" / f"{s}.txt").exists():
+            raise FileNotFoundError(f"{run / 'data' / f'{s}.txt'} is missing; run the data stage first")
     t0 = time.perf_counter()
     cfg = run.preset.tokenizer
-    tok = train_bpe((run/"data"/"train.txt").read_text(encoding="utf-8"), cfg.vocab_size, cfg.min_frequency)
+    tok = train_bpe((run / "data" / "train.txt").read_text(encoding="utf-8"), cfg.vocab_size, cfg.min_frequency)
     train_s = time.perf_counter() - t0
-    save_tokenizer(to_hf(tok), run/"tokenizer")
-    meta = write_tokens(run/"tokenizer", run/"data", run/"tokens")
-    summary = {"vocab_size": meta["vocab_size"], "train_seconds": round(train_s, 2), "tokens": meta["tokens"],
-               "bytes_per_token": meta["bytes_per_token"], "tokenizer_sha256": meta["tokenizer_sha256"][:12]}
+    save_tokenizer(to_hf(tok), run / "tokenizer")
+    meta = write_tokens(run / "tokenizer", run / "data", run / "tokens")
+    summary = {
+        "vocab_size": meta["vocab_size"],
+        "train_seconds": round(train_s, 2),
+        "tokens": meta["tokens"],
+        "bytes_per_token": meta["bytes_per_token"],
+        "tokenizer_sha256": meta["tokenizer_sha256"][:12],
+    }
     return summary

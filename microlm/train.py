@@ -19,8 +19,19 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import (OPTIMIZERS, ModelConfig, Run, TrainConfig, amp_dtype, atomic_path, atomic_write, autocast, atomic_dir,
-                            seed_everything, stable_hash)
+from microlm.config import (
+    OPTIMIZERS,
+    ModelConfig,
+    Run,
+    TrainConfig,
+    amp_dtype,
+    atomic_path,
+    atomic_write,
+    autocast,
+    atomic_dir,
+    seed_everything,
+    stable_hash,
+)
 from .model import MicroLM, save_model
 from .stages import stage_body, stage_key
 from .tokenizer import load_tokens
@@ -34,23 +45,29 @@ __all__ = ['lr_at', 'param_groups', 'muon_split', 'Optimizers', 'make_optimizer'
            'train_flops_per_token']
 
 # %% ../nbs/06_train.ipynb #c9ccf76f
-def lr_at(step: int,          # optimizer step, 0-based
-          cfg: TrainConfig,   # lr, min_lr, warmup_steps, max_steps
-         ) -> float:
+def lr_at(
+    step: int,  # optimizer step, 0-based
+    cfg: TrainConfig,  # lr, min_lr, warmup_steps, max_steps
+) -> float:
     "Learning rate at `step`: linear warmup to `cfg.lr`, then cosine decay to `cfg.min_lr` at `max_steps`."
-    if step < cfg.warmup_steps: return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 # %% ../nbs/06_train.ipynb #e76b408c
 def _decay_groups(ps: list, weight_decay: float) -> list[dict]:
-    groups = [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     "Trainable parameters in two AdamW groups: matrices (ndim >= 2) decayed, vectors (norms, biases) not."
     return _decay_groups([p for p in model.parameters() if p.requires_grad], weight_decay)  # a tied weight comes once
+
 
 def muon_split(model: nn.Module) -> tuple[list, list]:
     "Trainable parameters as (hidden matrices, for Muon; the rest, for AdamW): embeddings, the output head and vectors."
@@ -61,29 +78,49 @@ def muon_split(model: nn.Module) -> tuple[list, list]:
     ids = {id(p) for p in hidden}
     return hidden, [p for _, p in named if id(p) not in ids]
 
+
 class Optimizers:
     "Several optimizers stepped as one: the loop sets `lr` on the joint `param_groups`; `state_dict` holds them all."
-    def __init__(self, *opts: torch.optim.Optimizer): self.opts = opts
+
+    def __init__(self, *opts: torch.optim.Optimizer):
+        self.opts = opts
+
     @property
     def param_groups(self) -> list[dict]:  # read anew: `load_state_dict` replaces each optimizer's group dicts
         return [g for o in self.opts for g in o.param_groups]
+
     def step(self):
-        for o in self.opts: o.step()
+        for o in self.opts:
+            o.step()
+
     def zero_grad(self, set_to_none: bool = True):
-        for o in self.opts: o.zero_grad(set_to_none=set_to_none)
-    def state_dict(self) -> dict: return {"optimizers": [o.state_dict() for o in self.opts]}
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.opts]}
+
     def load_state_dict(self, d: dict):
         names = [type(o).__name__ for o in self.opts]
         if not isinstance(d, dict) or len(d.get("optimizers", ())) != len(self.opts):
-            raise ValueError(f"Optimizers.load_state_dict: expected the state of {names}, got {type(d).__name__} with "
-                             f"keys {list(d)[:4]}")
-        for o, s in zip(self.opts, d["optimizers"]): o.load_state_dict(s)
-    def __repr__(self): return f"Optimizers({', '.join(type(o).__name__ for o in self.opts)})"
+            raise ValueError(
+                f"Optimizers.load_state_dict: expected the state of {names}, got {type(d).__name__} with "
+                f"keys {list(d)[:4]}"
+            )
+        for o, s in zip(self.opts, d["optimizers"]):
+            o.load_state_dict(s)
+
+    def __repr__(self):
+        return f"Optimizers({', '.join(type(o).__name__ for o in self.opts)})"
+
 
 def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    try: return torch.optim.AdamW(groups, fused=True, **kw)                 # one kernel for all parameters
-    except (RuntimeError, TypeError): return torch.optim.AdamW(groups, foreach=True, **kw)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)  # one kernel for all parameters
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kw)
+
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | Optimizers:
     "AdamW over the trainable parameters of `model` (fused where supported); with `cfg.optimizer='muon'`, Muon takes the hidden matrices."
@@ -93,48 +130,67 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer 
             muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
             return Optimizers(muon, _adamw(_decay_groups(rest, cfg.weight_decay), cfg)) if rest else muon
     groups = param_groups(model, cfg.weight_decay)
-    if not groups: raise ValueError("make_optimizer: the model has no parameters with requires_grad=True")
+    if not groups:
+        raise ValueError("make_optimizer: the model has no parameters with requires_grad=True")
     return _adamw(groups, cfg)
 
 # %% ../nbs/06_train.ipynb #fe37631a
 class TokenWindows:
     "Random training windows of `seq_len + 1` tokens from a 1-D token array, drawn by a seeded generator."
-    def __init__(self, tokens: np.ndarray, # uint16/uint32 memmap of a split
-                 batch_size: int, seq_len: int, seed: int = 0):
-        if len(tokens) < seq_len + 2: raise ValueError(f"TokenWindows: {len(tokens)} tokens cannot fill a window of "
-                                                       f"seq_len+1={seq_len + 1}")
+
+    def __init__(
+        self,
+        tokens: np.ndarray,  # uint16/uint32 memmap of a split
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+    ):
+        if len(tokens) < seq_len + 2:
+            raise ValueError(f"TokenWindows: {len(tokens)} tokens cannot fill a window of seq_len+1={seq_len + 1}")
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         ix = torch.randint(len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.gen).tolist()
-        w = torch.from_numpy(np.stack([self.tokens[i:i + self.seq_len + 1] for i in ix]).astype(np.int64))  # (B, T+1)
+        w = torch.from_numpy(np.stack([self.tokens[i : i + self.seq_len + 1] for i in ix]).astype(np.int64))  # (B, T+1)
         return w[:, :-1], w[:, 1:]
 
-    def state_dict(self) -> dict: return {"generator": self.gen.get_state()}
-    def load_state_dict(self, d: dict): self.gen.set_state(d["generator"])
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
 
-def eval_windows(tokens: np.ndarray, n_batches: int, batch_size: int,
-                 seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def load_state_dict(self, d: dict):
+        self.gen.set_state(d["generator"])
+
+
+def eval_windows(
+    tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     "Fixed, evenly spaced validation batches: the same text at every evaluation, so val loss is comparable across steps and runs."
-    if len(tokens) < seq_len + 1: raise ValueError(f"eval_windows: {len(tokens)} tokens cannot fill a window of "
-                                                   f"seq_len+1={seq_len + 1}")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"eval_windows: {len(tokens)} tokens cannot fill a window of seq_len+1={seq_len + 1}")
     starts = np.linspace(0, len(tokens) - seq_len - 1, n_batches * batch_size).astype(np.int64)
-    w = torch.from_numpy(np.stack([tokens[i:i + seq_len + 1] for i in starts]).astype(np.int64))
+    w = torch.from_numpy(np.stack([tokens[i : i + seq_len + 1] for i in starts]).astype(np.int64))
     return [(b[:, :-1], b[:, 1:]) for b in w.split(batch_size)]
 
 # %% ../nbs/06_train.ipynb #03bc9428
 def next_token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy (fp32) against targets `y` (-100 ignored): chunked, without logits, for a `MicroLM`; else from `model(x).logits`."
     inner = getattr(model, "_orig_mod", model)
-    inner = getattr(inner, "module", inner)   # under torch.compile and DDP
-    if isinstance(inner, MicroLM): return model(x, targets=y).loss
+    inner = getattr(inner, "module", inner)  # under torch.compile and DDP
+    if isinstance(inner, MicroLM):
+        return model(x, targets=y).loss
     logits = model(x).logits
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list, device: torch.device, dtype: torch.dtype | None = None,
-             loss_fn: Callable = next_token_loss) -> float:
+def evaluate(
+    model: nn.Module,
+    batches: list,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    loss_fn: Callable = next_token_loss,
+) -> float:
     "Mean loss over `batches` (token-weighted); under DDP each rank takes a share and the sums are all-reduced."
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was = model.training
@@ -142,12 +198,15 @@ def evaluate(model: nn.Module, batches: list, device: torch.device, dtype: torch
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in batches[rank::world]:
         x, y = x.to(device), y.to(device)
-        with autocast(device, dtype): loss = loss_fn(model, x, y)
+        with autocast(device, dtype):
+            loss = loss_fn(model, x, y)
         n = (y != -100).sum()
         tot += torch.stack([loss.double() * n, n.double()])
-    if world > 1: dist.all_reduce(tot)
+    if world > 1:
+        dist.all_reduce(tot)
     model.train(was)
     return (tot[0] / tot[1].clamp(min=1)).item()
+
 
 def bits_per_byte(loss: float, bytes_per_token: float) -> float:
     "Nats per token to bits per byte of text."
@@ -157,24 +216,34 @@ def bits_per_byte(loss: float, bytes_per_token: float) -> float:
 class CheckpointError(RuntimeError):
     "A checkpoint that cannot be read."
 
+
 class CheckpointMismatch(CheckpointError):
     "A readable checkpoint that belongs to another configuration or model."
 
+
 _CKPT = re.compile(r"^step_(\d{6,})$")
+
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
     "Complete checkpoint folders `step_XXXXXX` in `folder`, oldest first (temporary folders are ignored)."
     folder = Path(folder)
-    if not folder.is_dir(): return []
+    if not folder.is_dir():
+        return []
     return sorted((p for p in folder.iterdir() if p.is_dir() and _CKPT.match(p.name)), key=lambda p: int(p.name[5:]))
+
 
 def rng_states() -> dict:
     "Python, NumPy and torch RNG states as tensors and plain containers (safe for `weights_only` loading)."
     _, key, pos, has_gauss, gauss = np.random.get_state()
-    d = {"python": random.getstate(), "numpy": [torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-         "torch": torch.get_rng_state()}
-    if torch.cuda.is_available(): d["cuda"] = torch.cuda.get_rng_state_all()
+    d = {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        d["cuda"] = torch.cuda.get_rng_state_all()
     return d
+
 
 def set_rng_states(d: dict):
     "Restore what `rng_states` saved."
@@ -183,7 +252,8 @@ def set_rng_states(d: dict):
     key, pos, has_gauss, gauss = d["numpy"]
     np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(d["torch"])
-    if "cuda" in d and torch.cuda.is_available(): torch.cuda.set_rng_state_all(d["cuda"])
+    if "cuda" in d and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(d["cuda"])
 
 # %% ../nbs/06_train.ipynb #5c2e796c
 def checkpoint_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,72 +261,106 @@ def checkpoint_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
-def save_checkpoint(folder: str | Path,   # the `ckpt/` folder
-                    step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    # extra state: tokens seen, data generator(s), ... (tensors and plain containers)
-                    state: dict,
-                    meta: dict,             # config_hash, model_config: what the checkpoint must match to be resumed
-                    keep: int = 2) -> Path:
+
+def save_checkpoint(
+    folder: str | Path,  # the `ckpt/` folder
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    # extra state: tokens seen, data generator(s), ... (tensors and plain containers)
+    state: dict,
+    meta: dict,  # config_hash, model_config: what the checkpoint must match to be resumed
+    keep: int = 2,
+) -> Path:
     "Write `folder/step_XXXXXX/` atomically (weights, optimizer and RNG state, meta) and keep the newest `keep`."
-    path = Path(folder)/f"step_{step:06d}"
+    path = Path(folder) / f"step_{step:06d}"
     with atomic_dir(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in checkpoint_weights(model).items()},
-                  str(tmp/"model.safetensors"))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states(), **state}, tmp/"state.pt")
-        atomic_write(tmp/"meta.json", {**meta, "step": step})
-    for old in list_checkpoints(folder)[:-max(1, keep)]: shutil.rmtree(old, ignore_errors=True)
+        save_file(
+            {k: v.detach().cpu().contiguous().clone() for k, v in checkpoint_weights(model).items()},
+            str(tmp / "model.safetensors"),
+        )
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states(), **state}, tmp / "state.pt")
+        atomic_write(tmp / "meta.json", {**meta, "step": step})
+    for old in list_checkpoints(folder)[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
+
 def _diff(a: dict, b: dict) -> str:
-    return ", ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    return ", ".join(
+        f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    )
+
 
 def read_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> tuple[dict, dict]:
     "Validate and read one checkpoint folder against `model` and the expected `meta`: (weights, state), or a clear error."
     path = Path(path)
-    mf, wf, sf = path/"meta.json", path/"model.safetensors", path/"state.pt"
-    try: got = json.loads(mf.read_text())
-    except (OSError,
-            json.JSONDecodeError) as e: raise CheckpointError(f"{mf}: unreadable checkpoint meta ({type(e).__name__}: {e})") from None
+    mf, wf, sf = path / "meta.json", path / "model.safetensors", path / "state.pt"
+    try:
+        got = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{mf}: unreadable checkpoint meta ({type(e).__name__}: {e})") from None
     if got.get("model_config") != meta.get("model_config"):
-        raise CheckpointMismatch(f"{mf}: checkpoint is for another model ({_diff(got.get('model_config') or {}, meta.get('model_config') or {})})")
+        raise CheckpointMismatch(
+            f"{mf}: checkpoint is for another model ({_diff(got.get('model_config') or {}, meta.get('model_config') or {})})"
+        )
     if got.get("config_hash") != meta.get("config_hash"):
-        raise CheckpointMismatch(f"{mf}: checkpoint was made with another configuration (config hash "
-                                 f"{got.get('config_hash')} vs now {meta.get('config_hash')})")
-    try: weights = load_file(str(wf))
-    except Exception as e: raise CheckpointError(f"{wf}: unreadable weights ({type(e).__name__}: {e})") from None
+        raise CheckpointMismatch(
+            f"{mf}: checkpoint was made with another configuration (config hash "
+            f"{got.get('config_hash')} vs now {meta.get('config_hash')})"
+        )
+    try:
+        weights = load_file(str(wf))
+    except Exception as e:
+        raise CheckpointError(f"{wf}: unreadable weights ({type(e).__name__}: {e})") from None
     want = {k: tuple(v.shape) for k, v in checkpoint_weights(model).items()}
     have = {k: tuple(v.shape) for k, v in weights.items()}
     if want != have:
-        raise CheckpointMismatch(f"{wf}: weights do not fit the model (missing {sorted(set(want) - set(have))[:5]}, unexpected "
-                                 f"{sorted(set(have) - set(want))[:5]}, shapes {[(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]][:5]})")
-    try: state = torch.load(sf, map_location="cpu", weights_only=True)
-    except Exception as e: raise CheckpointError(f"{sf}: unreadable training state ({type(e).__name__}: "
-                                                 f"{str(e).splitlines()[0][:200]})") from None
+        raise CheckpointMismatch(
+            f"{wf}: weights do not fit the model (missing {sorted(set(want) - set(have))[:5]}, unexpected "
+            f"{sorted(set(have) - set(want))[:5]}, shapes {[(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]][:5]})"
+        )
+    try:
+        state = torch.load(sf, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{sf}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
-        raise CheckpointError(f"{sf}: not a microlm training state (keys {sorted(state) if isinstance(state, dict) else type(state).__name__})")
+        raise CheckpointError(
+            f"{sf}: not a microlm training state (keys {sorted(state) if isinstance(state, dict) else type(state).__name__})"
+        )
     return weights, state
+
 
 def latest_checkpoint(folder: str | Path, model: nn.Module, meta: dict) -> tuple[Path, dict, dict] | None:
     "The newest readable checkpoint (path, weights, state); corrupt ones are skipped with a warning, a mismatch raises."
     ckpts, errors = list_checkpoints(folder), []
     for path in reversed(ckpts):
-        try: return (path, *read_checkpoint(path, model, meta))
-        except CheckpointMismatch: raise
+        try:
+            return (path, *read_checkpoint(path, model, meta))
+        except CheckpointMismatch:
+            raise
         except CheckpointError as e:
             errors.append(str(e))
             warnings.warn(f"skipping corrupt checkpoint: {e}", stacklevel=2)
-    if errors: raise CheckpointError(f"no readable checkpoint in {folder}: " + "; ".join(errors))
+    if errors:
+        raise CheckpointError(f"no readable checkpoint in {folder}: " + "; ".join(errors))
     return None
 
 # %% ../nbs/06_train.ipynb #f5c0fca7
 def read_log(path: str | Path) -> list[dict]:
     "The records of a `log.jsonl` (a torn last line from a killed writer is ignored)."
     path, out = Path(path), []
-    if not path.exists(): return out
+    if not path.exists():
+        return out
     for line in path.read_text().splitlines():
-        try: out.append(json.loads(line))
-        except json.JSONDecodeError: pass
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
     return out
+
 
 def plot_log(log: list[dict] | str | Path, path: str | Path | None = None, title: str = "") -> Figure:
     "Train and validation loss against tokens seen (validation bits per byte on the right axis); saved to `path` if given."
@@ -265,8 +369,10 @@ def plot_log(log: list[dict] | str | Path, path: str | Path | None = None, title
     ev = [r for r in recs if "val_loss" in r]
     fig = Figure(figsize=(6, 3.2))
     ax = fig.subplots()
-    if tr: ax.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], lw=1, label="train")
-    if ev: ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-", ms=3, label="valid")
+    if tr:
+        ax.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], lw=1, label="train")
+    if ev:
+        ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-", ms=3, label="valid")
     if ev and "val_bpb" in ev[-1]:
         k = ev[-1]["val_bpb"] / ev[-1]["val_loss"]
         ax2 = ax.secondary_yaxis("right", functions=(lambda v: v * k, lambda v: v / k))
@@ -274,11 +380,13 @@ def plot_log(log: list[dict] | str | Path, path: str | Path | None = None, title
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
-    ax.grid(alpha=.3)
-    if title: ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     if path is not None:
-        with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=100)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     return fig
 
 # %% ../nbs/06_train.ipynb #6921eba5
@@ -286,29 +394,35 @@ def dist_env() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a plain process."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
+
 def init_distributed() -> tuple[int, int, torch.device]:
     "Join the process group if launched by torchrun (gloo on CPU, NCCL on GPU): (rank, world_size, device)."
     rank, world, local = dist_env()
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda": torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world, device
 
 # %% ../nbs/06_train.ipynb #18b9a0f0
-def train_step(model: nn.Module,                # what the forward runs through (the DDP or compiled wrapper, if any)
-               opt: torch.optim.Optimizer,
-               micro_batches: list,             # grad_accum pairs (x, y)
-               grad_clip: float, device: torch.device, dtype: torch.dtype | None,
-               loss_fn: Callable = next_token_loss,
-               ddp: nn.parallel.DistributedDataParallel | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def train_step(
+    model: nn.Module,  # what the forward runs through (the DDP or compiled wrapper, if any)
+    opt: torch.optim.Optimizer,
+    micro_batches: list,  # grad_accum pairs (x, y)
+    grad_clip: float,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    loss_fn: Callable = next_token_loss,
+    ddp: nn.parallel.DistributedDataParallel | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     "One optimizer step with gradient accumulation (DDP all-reduce on the last micro-batch only) and clipping: (mean loss, grad norm)."
     loss_sum, n = torch.zeros((), device=device), len(micro_batches)
     for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with (ddp.no_sync() if ddp is not None and i < n - 1 else nullcontext()):
-            with autocast(device, dtype): loss = loss_fn(model, x, y) / n
+        with ddp.no_sync() if ddp is not None and i < n - 1 else nullcontext():
+            with autocast(device, dtype):
+                loss = loss_fn(model, x, y) / n
             loss.backward()
         loss_sum += loss.detach()
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -318,47 +432,53 @@ def train_step(model: nn.Module,                # what the forward runs through 
     return loss_sum, gnorm
 
 # %% ../nbs/06_train.ipynb #8d9280e9
-def fit_steps(step: int,          # the step reached
-              max_steps: int,     # the most steps the schedule may have
-              step_s: float,      # seconds per optimizer step
-              eval_s: float,      # seconds per validation pass
-              eval_every: int,    # steps between validation passes (one more ends the run)
-              seconds_left: float,
-             ) -> int:
+def fit_steps(
+    step: int,  # the step reached
+    max_steps: int,  # the most steps the schedule may have
+    step_s: float,  # seconds per optimizer step
+    eval_s: float,  # seconds per validation pass
+    eval_every: int,  # steps between validation passes (one more ends the run)
+    seconds_left: float,
+) -> int:
     "The largest final step <= `max_steps` whose remaining steps and validation passes fit in `seconds_left`."
     best = step
     for end in range(step + 1, max_steps + 1):
         evals = end // eval_every - step // eval_every + (end % eval_every != 0)
-        if (end - step) * step_s + evals * eval_s > seconds_left: break
+        if (end - step) * step_s + evals * eval_s > seconds_left:
+            break
         best = end
     return best
 
-def train(model: nn.Module,                 # any module whose forward(x) returns `.logits` (or use `loss_fn`)
-          batches: Callable,                # () -> (x, y); with state_dict/load_state_dict to be resumable exactly
-          cfg: TrainConfig,
-          out: str | Path,                  # log.jsonl, loss.png and ckpt/ go here
-          valid: list | None = None,        # fixed validation batches [(x, y), ...]
-          bytes_per_token: float | None = None,  # of the validation split, for bits per byte
-          meta: dict | None = None,         # what a checkpoint must match to be resumed (config_hash, model_config)
-          loss_fn: Callable = next_token_loss,      # (model, x, y) -> scalar loss
-          log_every: int = 10,              # steps between train log lines
-          max_minutes: float | None = None, # stop (and checkpoint) after this much wall time
-          # fit the schedule to this much wall time: once, after the warmup, lower max_steps
-          fit_minutes: float | None = None,
-                                            # so that the steps and validation passes left end within it, the lr fully decayed
-          on_step: Callable | None = None,  # on_step(step, record) after each optimizer step
-          resume: bool = True, progress: bool = True, desc: str = "train",
-          # a checkpoint of another configuration: 'error', or 'restart' (discard it, start over)
-          on_mismatch: str = "error",
-         ) -> dict:
+
+def train(
+    model: nn.Module,  # any module whose forward(x) returns `.logits` (or use `loss_fn`)
+    batches: Callable,  # () -> (x, y); with state_dict/load_state_dict to be resumable exactly
+    cfg: TrainConfig,
+    out: str | Path,  # log.jsonl, loss.png and ckpt/ go here
+    valid: list | None = None,  # fixed validation batches [(x, y), ...]
+    bytes_per_token: float | None = None,  # of the validation split, for bits per byte
+    meta: dict | None = None,  # what a checkpoint must match to be resumed (config_hash, model_config)
+    loss_fn: Callable = next_token_loss,  # (model, x, y) -> scalar loss
+    log_every: int = 10,  # steps between train log lines
+    max_minutes: float | None = None,  # stop (and checkpoint) after this much wall time
+    # fit the schedule to this much wall time: once, after the warmup, lower max_steps
+    fit_minutes: float | None = None,
+    # so that the steps and validation passes left end within it, the lr fully decayed
+    on_step: Callable | None = None,  # on_step(step, record) after each optimizer step
+    resume: bool = True,
+    progress: bool = True,
+    desc: str = "train",
+    # a checkpoint of another configuration: 'error', or 'restart' (discard it, start over)
+    on_mismatch: str = "error",
+) -> dict:
     "Train `model` in place for `cfg.max_steps` optimizer steps (resuming from `out/ckpt`); returns a summary."
     t_call = time.perf_counter()
-    if on_mismatch not in ("error",
-                           "restart"): raise ValueError(f"on_mismatch must be 'error' or 'restart', got {on_mismatch!r}")
+    if on_mismatch not in ("error", "restart"):
+        raise ValueError(f"on_mismatch must be 'error' or 'restart', got {on_mismatch!r}")
     rank, world, device = init_distributed()
     out = Path(out)
-    ckdir = out/"ckpt"
-    logf = out/"log.jsonl"
+    ckdir = out / "ckpt"
+    logf = out / "log.jsonl"
     meta = meta or {"config_hash": stable_hash(asdict(cfg)), "model_config": None}
     amp = amp_dtype(device, cfg.dtype)
     raw = model.to(device)
@@ -366,24 +486,28 @@ def train(model: nn.Module,                 # any module whose forward(x) return
     opt = make_optimizer(raw, cfg)
     step = tokens = 0
     max_steps, fitted = cfg.max_steps, False
-    try: found = latest_checkpoint(ckdir, raw, meta) if resume else None
+    try:
+        found = latest_checkpoint(ckdir, raw, meta) if resume else None
     except CheckpointMismatch as e:
-        if on_mismatch == "error": raise
+        if on_mismatch == "error":
+            raise
         # the fresh start below clears the other configuration's checkpoints
         found = None
-        if rank == 0: print(f"{desc}: {e}; starting over")
+        if rank == 0:
+            print(f"{desc}: {e}; starting over")
     if found:
         path, weights, st = found
-        raw.load_state_dict(weights, strict=False)    # read_checkpoint checked the keys: frozen ones stay as loaded
+        raw.load_state_dict(weights, strict=False)  # read_checkpoint checked the keys: frozen ones stay as loaded
         opt.load_state_dict(st["optimizer"])
         set_rng_states(st["rng"])
         step, tokens = st["step"], st["tokens"]
         # a fitted schedule stays fitted
         max_steps, fitted = st.get("max_steps", cfg.max_steps), st.get("fitted", False)
         data = st.get("data") or []
-        if hasattr(batches, "load_state_dict") and len(data) == world: batches.load_state_dict(data[rank])
-        elif hasattr(batches,
-                     "load_state_dict"): warnings.warn(f"{path}: saved by {len(data)} rank(s), resuming with {world}: new data order")
+        if hasattr(batches, "load_state_dict") and len(data) == world:
+            batches.load_state_dict(data[rank])
+        elif hasattr(batches, "load_state_dict"):
+            warnings.warn(f"{path}: saved by {len(data)} rank(s), resuming with {world}: new data order")
         if rank == 0:
             atomic_write(logf, "".join(json.dumps(r) + "\n" for r in read_log(logf) if r.get("step", 0) <= step))
             print(f"{desc}: resumed from {path} (step {step})")
@@ -392,69 +516,98 @@ def train(model: nn.Module,                 # any module whose forward(x) return
         out.mkdir(parents=True, exist_ok=True)
         logf.unlink(missing_ok=True)
         shutil.rmtree(ckdir, ignore_errors=True)
-    if world > 1: dist.barrier()
-    ddp = nn.parallel.DistributedDataParallel(raw,
-                                              device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
+    if world > 1:
+        dist.barrier()
+    ddp = (
+        nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else None
+    )
     fwd = ddp or raw
-    if cfg.compile: fwd = torch.compile(fwd)
+    if cfg.compile:
+        fwd = torch.compile(fwd)
     step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
 
     def log(rec):
         if rank == 0:
-            with open(logf, "a") as f: f.write(json.dumps(rec) + "\n")
+            with open(logf, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     last_plot = [time.perf_counter()]
+
     def validate():
-        if not valid: return {}
+        if not valid:
+            return {}
         vl = evaluate(raw, valid, device, amp, loss_fn)
         rec = {"step": step, "tokens": tokens, "val_loss": round(vl, 5)}
-        if bytes_per_token: rec["val_bpb"] = round(bits_per_byte(vl, bytes_per_token), 5)
+        if bytes_per_token:
+            rec["val_bpb"] = round(bits_per_byte(vl, bytes_per_token), 5)
         log(rec)
-        if rank == 0 and time.perf_counter() - last_plot[0] > 60:   # redraw at most once a minute (and at the end)
-            plot_log(logf, out/"loss.png", title=f"{desc}: {out.name}")
+        if rank == 0 and time.perf_counter() - last_plot[0] > 60:  # redraw at most once a minute (and at the end)
+            plot_log(logf, out / "loss.png", title=f"{desc}: {out.name}")
             last_plot[0] = time.perf_counter()
         return rec
 
     def checkpoint():
         data = batches.state_dict() if hasattr(batches, "state_dict") else {}
         datas = [None] * world
-        if world > 1: dist.all_gather_object(datas, data)
-        else: datas = [data]
-        if rank == 0: save_checkpoint(ckdir, step, raw, opt, {"tokens": tokens, "data": datas, "max_steps": max_steps, "fitted": fitted},
-                                      meta, cfg.keep_ckpts)
-        if world > 1: dist.barrier()
+        if world > 1:
+            dist.all_gather_object(datas, data)
+        else:
+            datas = [data]
+        if rank == 0:
+            save_checkpoint(
+                ckdir,
+                step,
+                raw,
+                opt,
+                {"tokens": tokens, "data": datas, "max_steps": max_steps, "fitted": fitted},
+                meta,
+                cfg.keep_ckpts,
+            )
+        if world > 1:
+            dist.barrier()
 
-    def fit():                                        # the timings so far -> the last step that fits in fit_minutes
-        step_s = float(np.median(step_secs[1:]))      # the first step of a call pays for allocation
+    def fit():  # the timings so far -> the last step that fits in fit_minutes
+        step_s = float(np.median(step_secs[1:]))  # the first step of a call pays for allocation
         # forward ~ 1/3 of a step
         eval_s = float(np.median(eval_secs)) if eval_secs else step_s * len(valid or []) / (3 * cfg.grad_accum)
-        left = 60 * fit_minutes * 0.98 - (time.perf_counter() - t_call)   # 2% kept for checkpoints and the final plot
+        left = 60 * fit_minutes * 0.98 - (time.perf_counter() - t_call)  # 2% kept for checkpoints and the final plot
         end = torch.tensor([fit_steps(step, max_steps, step_s, eval_s, cfg.eval_every, left)], device=device)
-        if world > 1: dist.broadcast(end, 0)          # every rank follows rank 0's timings
-        if rank == 0: print(f"{desc}: {fit_minutes:.3g} minutes fit {int(end)} steps ({step_s:.3g} s/step, "
-                            f"{eval_s:.3g} s/validation)")
+        if world > 1:
+            dist.broadcast(end, 0)  # every rank follows rank 0's timings
+        if rank == 0:
+            print(
+                f"{desc}: {fit_minutes:.3g} minutes fit {int(end)} steps ({step_s:.3g} s/step, "
+                f"{eval_s:.3g} s/validation)"
+            )
         return int(end)
 
     step_secs, eval_secs = [], []
     t_eval = time.perf_counter()
     last_eval = validate() if step == 0 else {}
-    if last_eval: eval_secs.append(time.perf_counter() - t_eval)
+    if last_eval:
+        eval_secs.append(time.perf_counter() - t_eval)
     pbar = tqdm(total=max_steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     t_start, train_s, win_s, win_tok, start_tokens = time.perf_counter(), 0.0, 0.0, 0, tokens
     loss_v = float("nan")
     while step < max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, replace(cfg, max_steps=max_steps))
-        for g in opt.param_groups: g["lr"] = lr
-        loss_sum, gnorm = train_step(fwd, opt, [batches() for _ in range(cfg.grad_accum)], cfg.grad_clip, device, amp,
-                                     loss_fn, ddp)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum, gnorm = train_step(
+            fwd, opt, [batches() for _ in range(cfg.grad_accum)], cfg.grad_clip, device, amp, loss_fn, ddp
+        )
         if world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= world
         loss_v = loss_sum.item()
         if not math.isfinite(loss_v):
-            raise FloatingPointError(f"{desc}: loss is {loss_v} at step {step + 1} (lr {lr:.2e}): training diverged; lower "
-                                     f"lr or raise warmup_steps (the last good checkpoint is in {ckdir})")
+            raise FloatingPointError(
+                f"{desc}: loss is {loss_v} at step {step + 1} (lr {lr:.2e}): training diverged; lower "
+                f"lr or raise warmup_steps (the last good checkpoint is in {ckdir})"
+            )
         step += 1
         tokens += step_tokens
         dt = time.perf_counter() - t0
@@ -463,7 +616,8 @@ def train(model: nn.Module,                 # any module whose forward(x) return
         win_tok += step_tokens
         step_secs.append(dt)
         rec = {"step": step, "tokens": tokens, "loss": round(loss_v, 5), "lr": lr, "tok_s": round(win_tok / win_s, 1)}
-        if gnorm is not None: rec["grad_norm"] = round(gnorm.item(), 4)
+        if gnorm is not None:
+            rec["grad_norm"] = round(gnorm.item(), 4)
         if fit_minutes is not None and not fitted and step >= cfg.warmup_steps and len(step_secs) > 10:
             max_steps, fitted = fit(), True
             pbar.total = max_steps
@@ -482,78 +636,126 @@ def train(model: nn.Module,                 # any module whose forward(x) return
             t_eval = time.perf_counter()
             last_eval = validate()
             eval_secs.append(time.perf_counter() - t_eval)
-        if step % cfg.ckpt_every == 0 or step == max_steps or stop: checkpoint()
-        if on_step is not None: on_step(step, rec)
-        if stop: break
+        if step % cfg.ckpt_every == 0 or step == max_steps or stop:
+            checkpoint()
+        if on_step is not None:
+            on_step(step, rec)
+        if stop:
+            break
     pbar.close()
-    if not last_eval and valid: last_eval = validate()
-    if rank == 0 and logf.exists(): plot_log(logf, out/"loss.png", title=f"{desc}: {out.name}")
-    return {"steps": step, "tokens": tokens, "loss": round(loss_v, 4), "val_loss": last_eval.get("val_loss"),
-            "val_bpb": last_eval.get("val_bpb"), "tok_s": round((tokens - start_tokens) / max(train_s, 1e-9), 1),
-            "train_minutes": round(train_s / 60, 3), "params": sum(p.numel() for p in raw.parameters()),
-            "world_size": world,
-            "optimizer": cfg.optimizer, "max_steps": max_steps}
+    if not last_eval and valid:
+        last_eval = validate()
+    if rank == 0 and logf.exists():
+        plot_log(logf, out / "loss.png", title=f"{desc}: {out.name}")
+    return {
+        "steps": step,
+        "tokens": tokens,
+        "loss": round(loss_v, 4),
+        "val_loss": last_eval.get("val_loss"),
+        "val_bpb": last_eval.get("val_bpb"),
+        "tok_s": round((tokens - start_tokens) / max(train_s, 1e-9), 1),
+        "train_minutes": round(train_s / 60, 3),
+        "params": sum(p.numel() for p in raw.parameters()),
+        "world_size": world,
+        "optimizer": cfg.optimizer,
+        "max_steps": max_steps,
+    }
 
 # %% ../nbs/06_train.ipynb #6eb85709
 def token_meta(run: Run) -> dict:
     "The token memmaps' `meta.json`, or a clear error naming it."
-    f = run/"tokens"/"meta.json"
-    if not f.exists(): raise FileNotFoundError(f"{f} not found: run the tokenizer stage first (microlm tokenizer --run "
-                                               f"{run.root})")
+    f = run / "tokens" / "meta.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{f} not found: run the tokenizer stage first (microlm tokenizer --run {run.root})")
     return json.loads(f.read_text())
+
 
 def split_bytes_per_token(meta: dict, split: str) -> float:
     "Bytes of text per token of `split`, from the token meta that 04_tokenizer's `write_tokens` writes."
-    if split not in meta.get("bytes_per_token",
-                             {}): raise KeyError(f"token meta has no bytes_per_token for split {split!r}")
+    if split not in meta.get("bytes_per_token", {}):
+        raise KeyError(f"token meta has no bytes_per_token for split {split!r}")
     return float(meta["bytes_per_token"][split])
 
 # %% ../nbs/06_train.ipynb #f2f88476
 @stage_body("pretrain")
-def pretrain_stage(run: Run, force: bool = False,
-                   # stop early after this much training time (a budget, not a preset field)
-                   max_minutes: float | None = None,
-                   # fit the schedule (fewer steps, fully decayed) to this much training time
-                   fit_minutes: float | None = None,
-                   log_every: int = 10, progress: bool = True) -> dict:
+def pretrain_stage(
+    run: Run,
+    force: bool = False,
+    # stop early after this much training time (a budget, not a preset field)
+    max_minutes: float | None = None,
+    # fit the schedule (fewer steps, fully decayed) to this much training time
+    fit_minutes: float | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+) -> dict:
     "Pretrain `run.preset.model` on the run's token memmaps; writes run/'pretrain'/{log.jsonl, loss.png, model.safetensors, config.json}."
     t0, p = time.time(), run.preset
     cfg, mcfg = p.pretrain, p.model
     meta = token_meta(run)
     if meta.get("vocab_size") != mcfg.vocab_size:
-        raise ValueError(f"pretrain: model vocab_size={mcfg.vocab_size} but the tokenizer in {run/'tokens'/'meta.json'} has "
-                         f"vocab_size={meta.get('vocab_size')}; set model.vocab_size to the tokenizer's")
+        raise ValueError(
+            f"pretrain: model vocab_size={mcfg.vocab_size} but the tokenizer in {run / 'tokens' / 'meta.json'} has "
+            f"vocab_size={meta.get('vocab_size')}; set model.vocab_size to the tokenizer's"
+        )
     if cfg.seq_len > mcfg.max_position_embeddings:
-        raise ValueError(f"pretrain: seq_len={cfg.seq_len} exceeds the model's "
-                         f"max_position_embeddings={mcfg.max_position_embeddings}")
+        raise ValueError(
+            f"pretrain: seq_len={cfg.seq_len} exceeds the model's "
+            f"max_position_embeddings={mcfg.max_position_embeddings}"
+        )
     rank, world, device = init_distributed()
-    out = run/"pretrain"
-    if force and rank == 0: shutil.rmtree(out/"ckpt", ignore_errors=True)
-    if world > 1: dist.barrier()
+    out = run / "pretrain"
+    if force and rank == 0:
+        shutil.rmtree(out / "ckpt", ignore_errors=True)
+    if world > 1:
+        dist.barrier()
     # here, not at the top: the loop itself needs no transformers import
     train_tok, valid_tok = load_tokens(run, "train"), load_tokens(run, "valid")
-    seed_everything(p.seed)                                   # the same initial weights on every rank
+    seed_everything(p.seed)  # the same initial weights on every rank
     model = MicroLM(mcfg)
     batches = TokenWindows(train_tok, cfg.batch_size, cfg.seq_len, seed=p.seed + 1 + rank)
     valid = eval_windows(valid_tok, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
     ck_meta = {"config_hash": stage_key(run, "pretrain"), "model_config": asdict(mcfg)}
-    s = train(model, batches, cfg, out, valid=valid, bytes_per_token=split_bytes_per_token(meta, "valid"), meta=ck_meta,
-              log_every=log_every, max_minutes=max_minutes, progress=progress, desc="pretrain", on_mismatch="restart",
-              fit_minutes=None if fit_minutes is None else fit_minutes - (time.time() - t0) / 60)  # the stage's set-up counts too
-    summary = {**{k: s[k] for k in ("steps", "tokens", "loss", "val_loss", "val_bpb", "tok_s", "params", "world_size")},
-               "minutes": round((time.time() - t0) / 60, 2), **({"max_steps": s["max_steps"]} if s["max_steps"] != cfg.max_steps else {})}
-    if rank == 0: save_model(model, out)
-    if s["steps"] < s["max_steps"]: summary["incomplete"] = f"stopped at step {s['steps']}/{s['max_steps']} (time budget)"
-    if world > 1: dist.barrier()
+    s = train(
+        model,
+        batches,
+        cfg,
+        out,
+        valid=valid,
+        bytes_per_token=split_bytes_per_token(meta, "valid"),
+        meta=ck_meta,
+        log_every=log_every,
+        max_minutes=max_minutes,
+        progress=progress,
+        desc="pretrain",
+        on_mismatch="restart",
+        fit_minutes=None if fit_minutes is None else fit_minutes - (time.time() - t0) / 60,
+    )  # the stage's set-up counts too
+    summary = {
+        **{k: s[k] for k in ("steps", "tokens", "loss", "val_loss", "val_bpb", "tok_s", "params", "world_size")},
+        "minutes": round((time.time() - t0) / 60, 2),
+        **({"max_steps": s["max_steps"]} if s["max_steps"] != cfg.max_steps else {}),
+    }
+    if rank == 0:
+        save_model(model, out)
+    if s["steps"] < s["max_steps"]:
+        summary["incomplete"] = f"stopped at step {s['steps']}/{s['max_steps']} (time budget)"
+    if world > 1:
+        dist.barrier()
     return summary
 
 # %% ../nbs/06_train.ipynb #8f13dcf6
 def main(argv: list[str] | None = None) -> dict:
     "Command line: pretrain a run folder, on one process or under torchrun."
-    ap = argparse.ArgumentParser(prog="python -m microlm.train",
-                                 description="Pretrain microlm on a run folder (single process or torchrun/DDP).")
-    ap.add_argument("--run", "--run-dir", dest="run", required=True,
-                    help="run folder (its config.json gives the preset unless --preset); under torchrun spell it --run-dir")
+    ap = argparse.ArgumentParser(
+        prog="python -m microlm.train", description="Pretrain microlm on a run folder (single process or torchrun/DDP)."
+    )
+    ap.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run folder (its config.json gives the preset unless --preset); under torchrun spell it --run-dir",
+    )
     ap.add_argument("--preset", default=None, help="smoke, small or base")
     ap.add_argument("--steps", type=int, help="max_steps")
     ap.add_argument("--batch-size", type=int)
@@ -562,32 +764,57 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--optimizer", choices=list(OPTIMIZERS))
-    ap.add_argument("--max-minutes", type=float,
-                    help="stop (and checkpoint) after this much wall time; rerun to continue")
-    ap.add_argument("--fit-minutes", type=float,
-                    help="fit the schedule to this much wall time: fewer steps, the lr fully decayed")
+    ap.add_argument(
+        "--max-minutes", type=float, help="stop (and checkpoint) after this much wall time; rerun to continue"
+    )
+    ap.add_argument(
+        "--fit-minutes", type=float, help="fit the schedule to this much wall time: fewer steps, the lr fully decayed"
+    )
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--force", action="store_true", help="start over, ignoring checkpoints")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     run = Run(a.run, a.preset)
-    over = {k: v for k, v in dict(max_steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, dtype=a.dtype,
-                                  compile=a.compile or None, optimizer=a.optimizer).items() if v is not None}
-    if over: run = Run(run.root, replace(run.preset, pretrain=replace(run.preset.pretrain, **over)))
-    s = pretrain_stage(run, force=a.force, max_minutes=a.max_minutes, fit_minutes=a.fit_minutes, log_every=a.log_every,
-                       progress=not a.no_progress)
-    if dist_env()[0] == 0: print(json.dumps(s))
-    if dist.is_initialized(): dist.destroy_process_group()
+    over = {
+        k: v
+        for k, v in dict(
+            max_steps=a.steps,
+            batch_size=a.batch_size,
+            seq_len=a.seq_len,
+            lr=a.lr,
+            dtype=a.dtype,
+            compile=a.compile or None,
+            optimizer=a.optimizer,
+        ).items()
+        if v is not None
+    }
+    if over:
+        run = Run(run.root, replace(run.preset, pretrain=replace(run.preset.pretrain, **over)))
+    s = pretrain_stage(
+        run,
+        force=a.force,
+        max_minutes=a.max_minutes,
+        fit_minutes=a.fit_minutes,
+        log_every=a.log_every,
+        progress=not a.no_progress,
+    )
+    if dist_env()[0] == 0:
+        print(json.dumps(s))
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return s
 
+
 # `python -m microlm.train`; not when this cell runs in a notebook
-if __name__ == "__main__" and "__file__" in globals(): main()
+if __name__ == "__main__" and "__file__" in globals():
+    main()
 
 # %% ../nbs/06_train.ipynb #f17c6adc
 def matmul_params(mcfg: ModelConfig) -> int:
     "Parameters used in matmuls for each token: attention and MLP projections of every layer, and the output head."
     d, f, kv = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_key_value_heads * mcfg.head_dim
     return mcfg.num_hidden_layers * (2 * d * d + 2 * d * kv + 3 * d * f) + mcfg.vocab_size * d
+
 
 def train_flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
     "Training FLOPs per token: 6 × matmul parameters + 12 × layers × width × context (attention)."

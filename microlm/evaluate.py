@@ -21,109 +21,13 @@ from .generate import default_stop_ids, generate
 from .model import load_model
 from .sft import encode_chat
 from .stages import stage_body
-from .tasks import KINDS, schema_errors, split_tasks
+from .tasks import KINDS, METRICS, aggregate, score_answer, split_tasks
 from .tokenizer import load_tokenizer, load_tokens
 
 # %% auto #0
-__all__ = ['METRICS', 'Backend', 'LEADERBOARD', 'flatten', 'parse_json', 'score_answer', 'aggregate', 'eval_examples',
-           'own_backend', 'hf_backend', 'openai_backend', 'evaluate_structured', 'examples_table', 'lm_metrics',
-           'lm_report', 'judgement', 'plot_leaderboard', 'write_results', 'model_backend', 'evaluate_models',
-           'eval_stage']
-
-# %% ../nbs/17_evaluate.ipynb #eb7e57a0
-def flatten(obj, prefix: str = "") -> set[tuple[str, str]]:
-    "The leaves of a JSON value as (path, canonical value) pairs."
-    if isinstance(obj, dict):
-        return (
-            set().union(*(flatten(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in obj.items()))
-            if obj
-            else {(prefix, "{}")}
-        )
-    if isinstance(obj, list):
-        return set().union(*(flatten(v, f"{prefix}[{i}]") for i, v in enumerate(obj))) if obj else {(prefix, "[]")}
-    return {(prefix, json.dumps(obj))}
-
-
-def parse_json(text) -> tuple[object, bool]:
-    "(the JSON value in a model's answer or None, whether the answer was only JSON)."
-    if not isinstance(text, str):
-        return None, False
-    t = text.strip()
-    if t.startswith("```"):
-        t = t.strip("`").removeprefix("json").strip()
-    try:
-        return json.loads(t), True
-    except ValueError:
-        pass
-    starts = [i for i in (t.find("{"), t.find("[")) if i >= 0]
-    if not starts:
-        return None, False
-    try:
-        return json.JSONDecoder().raw_decode(t[min(starts) :])[0], False
-    except ValueError:
-        return None, False
-
-
-def _canon(obj) -> str:
-    return json.dumps(obj, sort_keys=True)
-
-
-def score_answer(text: str, gold: dict, schema: dict) -> dict:
-    "Parse, schema, exact and field-level scores of one answer against its gold."
-    pred, only = parse_json(text)
-    g = flatten(gold)
-    if pred is None:
-        return dict(
-            parsed=False,
-            json_only=False,
-            schema_valid=False,
-            exact=False,
-            tp=0,
-            n_pred=0,
-            n_gold=len(g),
-            missing=len(gold),
-            hallucinated=0,
-        )
-    p = flatten(pred) if isinstance(pred, (dict, list)) else {("", json.dumps(pred))}
-    keys = set(pred) if isinstance(pred, dict) else set()
-    return dict(
-        parsed=True,
-        json_only=only,
-        schema_valid=not schema_errors(pred, schema),
-        exact=_canon(pred) == _canon(gold),
-        tp=len(p & g),
-        n_pred=len(p),
-        n_gold=len(g),
-        missing=len(set(gold) - keys),
-        hallucinated=len(keys - set(schema.get("properties", gold))),
-    )
-
-# %% ../nbs/17_evaluate.ipynb #08646435
-METRICS = ("parse", "schema_valid", "exact", "f1")
-
-
-def aggregate(scores: list[dict]) -> dict:
-    "Rates and micro-averaged field precision/recall/F1 over a list of `score_answer` results."
-    n = len(scores)
-    if n == 0:
-        return dict(
-            n=0, **{k: 0.0 for k in (*METRICS, "json_only", "precision", "recall", "missing_keys", "hallucinated_keys")}
-        )
-    tp, npred, ngold = (sum(s[k] for s in scores) for k in ("tp", "n_pred", "n_gold"))
-    p, r = tp / npred if npred else 0.0, tp / ngold if ngold else 0.0
-    rate = lambda k: sum(bool(s[k]) for s in scores) / n
-    return dict(
-        n=n,
-        parse=rate("parsed"),
-        json_only=rate("json_only"),
-        schema_valid=rate("schema_valid"),
-        exact=rate("exact"),
-        precision=p,
-        recall=r,
-        f1=2 * p * r / (p + r) if p + r else 0.0,
-        missing_keys=sum(s["missing"] for s in scores) / n,
-        hallucinated_keys=sum(s["hallucinated"] for s in scores) / n,
-    )
+__all__ = ['Backend', 'LEADERBOARD', 'eval_examples', 'own_backend', 'hf_backend', 'openai_backend', 'evaluate_structured',
+           'examples_table', 'lm_metrics', 'lm_report', 'judgement', 'plot_leaderboard', 'write_results',
+           'model_backend', 'evaluate_models', 'eval_stage']
 
 # %% ../nbs/17_evaluate.ipynb #179d6d5c
 def eval_examples(run: Run, n: int | None = None) -> list[dict]:

@@ -13,8 +13,9 @@ from .config import Run
 from .data import read_docs
 
 # %% auto #0
-__all__ = ['SCHEMAS', 'KINDS', 'TASKS', 'numeral', 'parse_play', 'moves', 'schema_errors', 'schema_valid', 'schema_hint',
-           'task_extract', 'task_to_json', 'task_format', 'task_repair', 'make_task', 'play_tasks', 'split_tasks']
+__all__ = ['SCHEMAS', 'KINDS', 'TASKS', 'METRICS', 'numeral', 'parse_play', 'moves', 'schema_errors', 'schema_valid',
+           'schema_hint', 'task_extract', 'task_to_json', 'task_format', 'task_repair', 'make_task', 'play_tasks',
+           'split_tasks', 'flatten', 'parse_json', 'score_answer', 'aggregate']
 
 # %% ../nbs/08_tasks.ipynb #b0481c6c
 _ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
@@ -305,3 +306,98 @@ def split_tasks(run: Run, split: str, fits=lambda m: True) -> tuple[list[dict], 
         dropped += dr
         plays += bool(ex)
     return out, dict(examples=len(out), dropped=dropped, plays=plays)
+
+# %% ../nbs/08_tasks.ipynb #eb7e57a0
+def flatten(obj, prefix: str = "") -> set[tuple[str, str]]:
+    "The leaves of a JSON value as (path, canonical value) pairs."
+    if isinstance(obj, dict):
+        return (
+            set().union(*(flatten(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in obj.items()))
+            if obj
+            else {(prefix, "{}")}
+        )
+    if isinstance(obj, list):
+        return set().union(*(flatten(v, f"{prefix}[{i}]") for i, v in enumerate(obj))) if obj else {(prefix, "[]")}
+    return {(prefix, json.dumps(obj))}
+
+
+def parse_json(text) -> tuple[object, bool]:
+    "(the JSON value in a model's answer or None, whether the answer was only JSON)."
+    if not isinstance(text, str):
+        return None, False
+    t = text.strip()
+    if t.startswith("```"):
+        t = t.strip("`").removeprefix("json").strip()
+    try:
+        return json.loads(t), True
+    except ValueError:
+        pass
+    starts = [i for i in (t.find("{"), t.find("[")) if i >= 0]
+    if not starts:
+        return None, False
+    try:
+        return json.JSONDecoder().raw_decode(t[min(starts) :])[0], False
+    except ValueError:
+        return None, False
+
+
+def _canon(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def score_answer(text: str, gold: dict, schema: dict) -> dict:
+    "Parse, schema, exact and field-level scores of one answer against its gold."
+    pred, only = parse_json(text)
+    g = flatten(gold)
+    if pred is None:
+        return dict(
+            parsed=False,
+            json_only=False,
+            schema_valid=False,
+            exact=False,
+            tp=0,
+            n_pred=0,
+            n_gold=len(g),
+            missing=len(gold),
+            hallucinated=0,
+        )
+    p = flatten(pred) if isinstance(pred, (dict, list)) else {("", json.dumps(pred))}
+    keys = set(pred) if isinstance(pred, dict) else set()
+    return dict(
+        parsed=True,
+        json_only=only,
+        schema_valid=not schema_errors(pred, schema),
+        exact=_canon(pred) == _canon(gold),
+        tp=len(p & g),
+        n_pred=len(p),
+        n_gold=len(g),
+        missing=len(set(gold) - keys),
+        hallucinated=len(keys - set(schema.get("properties", gold))),
+    )
+
+# %% ../nbs/08_tasks.ipynb #08646435
+METRICS = ("parse", "schema_valid", "exact", "f1")
+
+
+def aggregate(scores: list[dict]) -> dict:
+    "Rates and micro-averaged field precision/recall/F1 over a list of `score_answer` results."
+    n = len(scores)
+    if n == 0:
+        return dict(
+            n=0, **{k: 0.0 for k in (*METRICS, "json_only", "precision", "recall", "missing_keys", "hallucinated_keys")}
+        )
+    tp, npred, ngold = (sum(s[k] for s in scores) for k in ("tp", "n_pred", "n_gold"))
+    p, r = tp / npred if npred else 0.0, tp / ngold if ngold else 0.0
+    rate = lambda k: sum(bool(s[k]) for s in scores) / n
+    return dict(
+        n=n,
+        parse=rate("parsed"),
+        json_only=rate("json_only"),
+        schema_valid=rate("schema_valid"),
+        exact=rate("exact"),
+        precision=p,
+        recall=r,
+        f1=2 * p * r / (p + r) if p + r else 0.0,
+        missing_keys=sum(s["missing"] for s in scores) / n,
+        hallucinated_keys=sum(s["hallucinated"] for s in scores) / n,
+    )

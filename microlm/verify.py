@@ -15,7 +15,8 @@ import openai
 from transformers import AutoTokenizer
 
 from .config import Run, ServeConfig, atomic_write
-from .evaluate import eval_examples, parse_json
+from .evaluate import eval_examples
+from .tasks import parse_json
 from .export import hf_greedy, load_hf, load_own
 from .generate import generate
 from .serve import COMPACT_JSON_ARGS, VLLMServer

@@ -52,3 +52,14 @@ No more amazement.
 
 @pytest.fixture(scope="session")
 def play() -> str: return PLAY
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    "One `smoke` run folder for the whole session, made through the export stage (own base, SFT and LoRA models)."
+    from microlm.config import Run  # here: conftest is imported before any test, and most tests need no run
+    from microlm.stages import ensure
+
+    run = Run(tmp_path_factory.mktemp("smoke_run") / "run", "smoke")
+    ensure(run, "export", log=lambda line: None)
+    return run

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from microlm.config import SMOKE
-from microlm.evaluate import (LEADERBOARD, METRICS, aggregate, evaluate_structured, flatten, hf_backend, judgement,
-                              lm_metrics, openai_backend, own_backend, parse_json, score_answer, write_results)
-from microlm.tasks import KINDS, SCHEMAS
+from microlm.evaluate import (LEADERBOARD, evaluate_structured, hf_backend, judgement, lm_metrics, openai_backend,
+                              own_backend, write_results)
+from microlm.tasks import KINDS, METRICS, SCHEMAS, aggregate, flatten, parse_json, score_answer
 
 GOLD = {"speaker": "HAMLET", "first_word": "To", "line_count": 3}
 LINES = {"lines": [{"speaker": "A", "text": "x"}, {"speaker": "B", "text": "y"}]}

@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .generate import HFCausalLM, SamplingParams, context_length, default_stop_ids, stream_text
+from .inference import fast_model
 from .model import load_model
 from .tokenizer import load_tokenizer
 
@@ -24,7 +25,7 @@ def special_strings(tokenizer) -> list[str]:
 
 
 def sanitize(text: str, specials: Sequence[str] = ()) -> str:
-    "Clean untrusted text: one newline style, no control characters (but newline and tab), no U+FFFD or lone surrogates, NFC, and no special-token strings."
+    "Clean untrusted text: one line-end style, no control characters but newline and tab, no U+FFFD, NFC, no specials."
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(c for c in text if c in "\n\t" or (c != "\ufffd" and unicodedata.category(c) not in ("Cc", "Cs")))
     text = unicodedata.normalize("NFC", text)
@@ -41,7 +42,7 @@ class ContextTooLong(ValueError):
 
 
 class ChatSession:
-    "A multi-turn chat: history, the tokenizer's chat template, the oldest turns dropped to fit the context, streamed replies."
+    "A multi-turn chat: history in the chat template, the oldest turns dropped to fit the context, streamed replies."
 
     def __init__(
         self,
@@ -147,13 +148,13 @@ def load_chat_model(path: str | Path, device: str = "cpu"):
             (d for d in (path / "tokenizer", path.parent / "tokenizer") if (d / "tokenizer.json").is_file()),
             path.parent / "tokenizer",
         )
-        return load_model(path, device=device).eval(), load_tokenizer(tok_dir)
+        return fast_model(load_model(path, device=device).eval()), load_tokenizer(tok_dir)  # 13_inference's fast path
     if not any(a.endswith("ForCausalLM") for a in cfg.get("architectures", [])):
         raise ValueError(
             f"{cfg_file}: neither a microlm checkpoint (format 'microlm') nor a Hugging Face causal LM "
             f"(architectures {cfg.get('architectures')})"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # only for a folder that is not our own format
 
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
     return HFCausalLM(hf).eval(), AutoTokenizer.from_pretrained(str(path))

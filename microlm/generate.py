@@ -4,18 +4,20 @@
 
 # %% ../nbs/07_generate.ipynb #b9463ae3
 from __future__ import annotations
-import math, time
+import itertools, json, math, time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import jsonschema
 import torch
 import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['SamplingParams', 'apply_repetition_penalty', 'apply_top_k', 'apply_top_p', 'process_logits', 'next_token',
-           'model_device', 'model_config', 'context_length', 'left_pad', 'forward_last', 'iter_next_tokens',
-           'Generation', 'visible_text', 'default_stop_ids', 'Decoding', 'generate', 'stream_ids', 'holdback',
-           'stream_text', 'generate_text', 'chat_prompt', 'generate_reply', 'HFCausalLM', 'time_generation',
+           'model_device', 'model_config', 'context_length', 'left_pad', 'choose_tokens', 'accepted_drafts',
+           'forward_last', 'truncate_cache', 'iter_next_tokens', 'Generation', 'visible_text', 'default_stop_ids',
+           'Decoding', 'generate', 'stream_ids', 'holdback', 'stream_text', 'generate_text', 'chat_prompt',
+           'generate_reply', 'grammar_specs', 'compile_grammar', 'Constraint', 'HFCausalLM', 'time_generation',
            'benchmark_generation']
 
 # %% ../nbs/07_generate.ipynb #fd6f8f2e
@@ -103,7 +105,7 @@ def next_token(
     generator: torch.Generator | None = None,  # the seeded RNG that makes sampling reproducible
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    "Choose one token per row, (B, V) logits -> (B,) ids: argmax when greedy, else a draw from the processed distribution."
+    "One token per row, (B, V) logits -> (B,) ids: argmax when greedy, else a draw from the processed distribution."
     logits = process_logits(logits, ids, sp, mask)
     if sp.greedy:
         return logits.argmax(-1)
@@ -111,7 +113,8 @@ def next_token(
 
 # %% ../nbs/07_generate.ipynb #91a4ad90
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    "Where the model's weights live (parameters, or buffers for a model that keeps its weights as buffers)."
+    return next(itertools.chain(model.parameters(), model.buffers())).device
 
 
 def model_config(model):
@@ -152,35 +155,101 @@ def left_pad(
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
     return ids, mask
 
+# %% ../nbs/07_generate.ipynb #b232618b
+def choose_tokens(
+    logits: torch.Tensor,  # (B, 1+k, V): the last fed token's logits, then one per draft token
+    ids: torch.Tensor,  # (B, T) tokens so far
+    drafts: torch.Tensor | None,  # (B, k) proposed tokens, or None
+    sp: SamplingParams,
+    generator: torch.Generator | None = None,
+    mask: torch.Tensor | None = None,
+    constraint=None,
+) -> torch.Tensor:
+    "The token the model picks at each position, (B, 1+k), as if every draft token before it had been accepted."
+    logits = logits.float().contiguous()  # masked in place below
+    if constraint is not None:
+        constraint.mask(logits, drafts)
+    if drafts is None:
+        return next_token(logits[:, 0], ids, sp, generator, mask)[:, None]
+    if sp.greedy and sp.repetition_penalty == 1.0:
+        return logits.argmax(-1)
+    picks = []
+    for j in range(logits.size(1)):  # the penalty sees the drafts before position j as output
+        seen = torch.cat([ids, drafts[:, :j]], 1)
+        picks.append(
+            next_token(logits[:, j], seen, sp, generator, None if mask is None else F.pad(mask, (0, j), value=1))
+        )
+    return torch.stack(picks, 1)
+
+
+def accepted_drafts(
+    picks: torch.Tensor,  # (B, 1+k) the model's picks
+    drafts: torch.Tensor,  # (B, k) the proposals
+    done: Sequence[bool] | None = None,  # finished rows (ignored)
+) -> int:
+    "How many leading drafts every unfinished row's picks agree with: the rows advance together."
+    agree = (picks[:, :-1] == drafts).long().cumprod(1).sum(1)  # (B,) leading matches per row
+    live = [i for i in range(len(agree)) if not (done and done[i])]
+    return int(agree[live].min()) if live else 0
+
 # %% ../nbs/07_generate.ipynb #6ad7b35e
-def forward_last(model, ids: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
-    "Run the model, projecting only the last position to logits: (B, V)."
-    return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+def forward_last(model, ids: torch.Tensor, mask: torch.Tensor | None, cache=None, keep: int = 1) -> torch.Tensor:
+    "Run the model, projecting only the last `keep` positions to logits: (B, V), or (B, keep, V) when keep > 1."
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=keep).logits
+    return logits[:, -1] if keep == 1 else logits[:, -keep:]
 
 
-@torch.no_grad()
+def truncate_cache(cache, length: int) -> None:
+    "Forget every cached position from `length` on: `KVCache` keeps its buffers, a `transformers` cache crops."
+    if hasattr(cache, "crop"):
+        cache.crop(length)
+    else:
+        cache.length = length
+
+
+@torch.inference_mode()  # like no_grad, and cheaper per operation: no view or version tracking
 def iter_next_tokens(
     model,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    n: int,
+    ids: torch.Tensor,  # (B, T) left-padded prompts
+    mask: torch.Tensor | None,  # (B, T) attention mask (None: no padding)
+    n: int,  # new tokens per row
     sp: SamplingParams,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    draft=None,  # proposes tokens to check in the same pass (speculative decoding, below); greedy only
+    constraint=None,  # a `Constraint`: masks the logits to what each row's grammar allows (below)
+    done: Sequence[bool] | None = None,  # rows already finished: their drafts do not hold the others back
+    stats: dict | None = None,  # counts forward passes, drafted and accepted tokens into this dict
 ) -> Iterator[torch.Tensor]:
-    "Yield the next token of every row `n` times: prefill the cache once, then feed one token per step."
+    "Yield each step's new tokens, (B, m) with m >= 1, until `n` per row: prefill the cache once, then feed new tokens."
     B, T = ids.shape
     if mask is not None and bool(mask.all()):
         mask = None  # no padding: the model's plain causal fast path
     cache = model.new_cache(B, T + n) if use_cache else None
-    x = ids
-    for _ in range(n):
-        tok = next_token(forward_last(model, x, mask, cache), ids, sp, generator, mask)  # (B,)
-        yield tok
-        ids = torch.cat([ids, tok[:, None]], 1)
+    x, left = ids, n
+    while left > 0:
+        d = draft.propose(ids, mask) if draft is not None and left > 1 else None  # (B, k) guesses, or None
+        d = None if d is None or d.size(1) == 0 else d[:, : left - 1].to(ids.device)
+        k = 0 if d is None else d.size(1)
+        if k:
+            x = torch.cat([x, d], 1)
+        m_in = mask if mask is None or not k else F.pad(mask, (0, k), value=1)
+        logits = forward_last(model, x, m_in, cache, k + 1).view(B, k + 1, -1)  # (B, 1+k, V)
+        toks = choose_tokens(logits, ids, d, sp, generator, mask, constraint)  # (B, 1+k): the model's own picks
+        m = 1 + (accepted_drafts(toks, d, done) if k else 0)
+        toks = toks[:, :m]
+        if constraint is not None:
+            constraint.accept(toks)
+        if stats is not None:
+            stats.update(forwards=stats.get("forwards", 0) + 1, drafted=stats.get("drafted", 0) + k)
+            stats["accepted"] = stats.get("accepted", 0) + m - 1
+        yield toks
+        ids, left = torch.cat([ids, toks], 1), left - m
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-        x = tok[:, None] if use_cache else ids  # without a cache the whole sequence is recomputed
+            mask = F.pad(mask, (0, m), value=1)
+        if use_cache and k:
+            truncate_cache(cache, ids.size(1) - 1)  # rejected drafts leave the cache
+        x = toks[:, -1:] if use_cache else ids  # without a cache the whole sequence is recomputed
 
 # %% ../nbs/07_generate.ipynb #eaf5c52b
 @dataclass
@@ -228,6 +297,11 @@ class Decoding:
         seed: int | None = None,
         use_cache: bool = True,
         pad_token_id: int | None = None,
+        schema=None,  # a JSON schema (dict or JSON text) every answer follows, or a list of them, one per prompt
+        regex: str | Sequence[str] | None = None,  # a regular expression the answer matches (or one per prompt)
+        choices: Sequence[str] | None = None,  # the answer is one of these strings (or a list of such lists)
+        any_whitespace: bool = False,  # JSON schemas: allow free whitespace (False: compact JSON, as vLLM serves it)
+        draft=None,  # a proposer of draft tokens (13_inference): speculative decoding, greedy only
     ):
         self.sp = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
@@ -237,11 +311,12 @@ class Decoding:
         self.stop_strings = [s for s in stop_strings if s]
         if self.stop_strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the output: pass tokenizer=")
-        self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
+        self.model, self.tokenizer, self.use_cache, self.draft = model, tokenizer, use_cache, draft
         self.stop_ids = {int(t) for t in stop_token_ids}
         dev = model_device(model)
         pad = pad_token_id if pad_token_id is not None else (getattr(tokenizer, "pad_token_id", None) or 0)
-        self.ids, self.mask = left_pad(prompts, pad, dev, getattr(model_config(model), "vocab_size", None))
+        vocab = getattr(model_config(model), "vocab_size", None)
+        self.ids, self.mask = left_pad(prompts, pad, dev, vocab)
         T, ctx = self.ids.size(1), context_length(model)
         if ctx is not None and T >= ctx:
             raise ValueError(f"the prompt has {T} tokens but the model's context is {ctx}: no room to generate")
@@ -251,6 +326,26 @@ class Decoding:
         self.generator = torch.Generator(device=dev).manual_seed(seed)
         self.results = [Generation() for _ in range(len(self.ids))]
         self.done = [False] * len(self.ids)
+        self.stats = {}  # forward passes, drafted and accepted tokens, filled as `steps()` runs
+        self.constraint = None  # grammars (constrained decoding, below), only when asked for
+        if (schema, regex, choices) != (None, None, None):
+            self.constraint = self._constraint(
+                grammar_specs(len(self.ids), schema, regex, choices), vocab, any_whitespace
+            )
+        if draft is not None:
+            if not self.sp.greedy:
+                raise ValueError("speculative decoding (draft=) checks the drafts greedily: use temperature=0")
+            draft.start(model, self.ids, self.mask, tokenizer)  # the proposer's own checks: vocabulary, context
+
+    def _constraint(self, specs: list, vocab: int | None, any_whitespace: bool):
+        if not any(specs):
+            return None
+        if self.tokenizer is None:
+            raise ValueError(
+                "constrained decoding (schema, regex, choices) needs the model's tokenizer: pass tokenizer="
+            )
+        self.stop_ids = self.stop_ids or set(default_stop_ids(self.tokenizer))  # a complete answer must end
+        return Constraint(self.tokenizer, vocab or len(self.tokenizer), specs, sorted(self.stop_ids), any_whitespace)
 
     def text(self, i: int) -> str:
         "Row `i`'s text so far (cut before a stop string once one has appeared)."
@@ -275,16 +370,17 @@ class Decoding:
     def steps(self) -> Iterator[list[tuple[int, int]]]:
         "Decode, yielding the (row, token) pairs accepted at each step; stops when every row has finished."
         if self.n > 0:
-            for tok in iter_next_tokens(
-                self.model, self.ids, self.mask, self.n, self.sp, self.generator, self.use_cache
-            ):
+            args = (self.model, self.ids, self.mask, self.n, self.sp, self.generator, self.use_cache)
+            loop = iter_next_tokens(*args, self.draft, self.constraint, self.done, self.stats)
+            for toks in loop:
                 new = []
-                for i, t in enumerate(tok.tolist()):
-                    if self.done[i]:
-                        continue
-                    self.done[i] = self._accept(i, t)
-                    if t not in self.stop_ids:
-                        new.append((i, t))
+                for i, row in enumerate(toks.tolist()):
+                    for t in row:
+                        if self.done[i]:
+                            break
+                        self.done[i] = self._accept(i, t)
+                        if t not in self.stop_ids:
+                            new.append((i, t))
                 yield new
                 if all(self.done):
                     break
@@ -301,7 +397,7 @@ def generate(
     max_new_tokens: int = 64,  # at most this many new tokens per prompt (fewer if the context runs out)
     **kw,
 ) -> list[Generation]:
-    "Continue each prompt (greedy by default); keywords as `Decoding` (sampling, stops, seed, use_cache)."
+    "Continue each prompt (greedy by default); keywords as `Decoding` (sampling, stops, seed, cache, grammar, draft)."
     run = Decoding(model, prompts, max_new_tokens, **kw)
     for _ in run.steps():
         pass
@@ -320,7 +416,7 @@ def stream_ids(model, prompt, max_new_tokens: int = 64, **kw) -> Iterator[int]:
 
 # %% ../nbs/07_generate.ipynb #13bf44ba
 def holdback(text: str, stop_strings: Sequence[str] = ()) -> str:
-    "The part of `text` safe to show now: no trailing incomplete character (U+FFFD) and no trailing start of a stop string."
+    "The part of `text` safe to show now: no trailing incomplete character (U+FFFD) nor start of a stop string."
     text = text.rstrip("\ufffd")
     hold = max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
     return text[: len(text) - hold]
@@ -333,7 +429,7 @@ def stream_text(
     max_new_tokens: int = 64,
     **kw,
 ) -> Iterator[str]:
-    "Yield text deltas of one continuation as tokens arrive (stops at end-of-text/turn by default); returns the `Generation`."
+    "Yield text deltas of one continuation as tokens arrive (stops at end of text/turn); return the `Generation`."
     kw.setdefault("stop_token_ids", default_stop_ids(tokenizer))
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     run = Decoding(model, [ids], max_new_tokens, tokenizer=tokenizer, **kw)
@@ -385,6 +481,118 @@ def generate_reply(
     out = generate(model, [chat_prompt(tokenizer, c) for c in convs], max_new_tokens, tokenizer=tokenizer, **kw)
     return out[0].text if single else [g.text for g in out]
 
+# %% ../nbs/07_generate.ipynb #b833d03d
+def _xgrammar():
+    import xgrammar  # here, not at the top: installed with vLLM, and its import alone takes seconds
+
+    return xgrammar
+
+
+def grammar_specs(n: int, schema=None, regex=None, choices=None) -> list[tuple[str, object] | None]:
+    "One `(kind, spec)` or None per row from `schema`, `regex` or `choices`: one value for all rows, or a list."
+    given = {k: v for k, v in dict(schema=schema, regex=regex, choices=choices).items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"give one of schema, regex or choices, not {sorted(given)}")
+    if not given:
+        return [None] * n
+    kind, v = given.popitem()
+    per_row = isinstance(v, (list, tuple)) and (kind != "choices" or not all(isinstance(c, str) for c in v))
+    if not per_row:
+        return [(kind, v)] * n
+    if len(v) != n:
+        raise ValueError(f"{kind}: got a list of {len(v)}, one per prompt, but there are {n} prompts")
+    return [None if s is None else (kind, s) for s in v]
+
+
+def compile_grammar(compiler, kind: str, spec, any_whitespace: bool = False):
+    "An xgrammar `CompiledGrammar` for a JSON schema (dict or JSON text), a regex, or a list of choices; clear errors."
+    try:
+        if kind == "schema":
+            if isinstance(spec, str):
+                spec = json.loads(spec)
+            if not isinstance(spec, dict):
+                raise ValueError(f"a JSON schema is an object (dict), got {type(spec).__name__}")
+            jsonschema.validators.validator_for(spec).check_schema(spec)
+            seps = None if any_whitespace else (",", ":")  # compact JSON, as vLLM with disable_any_whitespace
+            return compiler.compile_json_schema(json.dumps(spec), any_whitespace=any_whitespace, separators=seps)
+        if kind == "regex":
+            if not (isinstance(spec, str) and spec):
+                raise ValueError(f"a regex is a non-empty string, got {spec!r}")
+            return compiler.compile_regex(spec)
+        if not (spec and all(isinstance(c, str) and c for c in spec)):
+            raise ValueError(f"choices are a non-empty list of non-empty strings, got {spec!r}")
+        # EBNF alternatives of quoted literals (JSON string escapes are EBNF's)
+        return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"schema: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except jsonschema.SchemaError as e:
+        raise ValueError(
+            f"schema: not a valid JSON schema: {e.message} (at {'/'.join(map(str, e.path)) or 'top'})"
+        ) from None
+    except RuntimeError as e:  # xgrammar's C++ errors start with a time and a source location
+        raise ValueError(f"{kind}: xgrammar cannot compile it: {str(e).split(': ', 1)[-1].strip()}") from None
+
+# %% ../nbs/07_generate.ipynb #792197db
+class Constraint:
+    "One xgrammar matcher per row: masks each step's logits to what the row's grammar allows (stop only once complete)."
+
+    def __init__(
+        self,
+        tokenizer,  # the Hugging Face tokenizer the model was trained with
+        vocab_size: int,  # the model's output vocabulary (may be larger than the tokenizer's)
+        specs: list,  # one `(kind, spec)` or None per row, as `grammar_specs` returns
+        stop_ids: Sequence[int],  # the tokens that end a row: allowed only where the grammar is complete
+        any_whitespace: bool = False,  # JSON schemas: free whitespace (False: compact, as the vLLM deployment)
+    ):
+        xgr = _xgrammar()
+        if not stop_ids:
+            raise ValueError("constrained decoding needs a stop token to end a complete answer: pass stop_token_ids")
+        compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
+        compiled = {}  # rows with the same spec share one compiled grammar
+        for i, s in enumerate(specs):
+            key = None if s is None else json.dumps(s, sort_keys=True)
+            if s is not None and key not in compiled:
+                try:
+                    compiled[key] = compile_grammar(compiler, *s, any_whitespace=any_whitespace)
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
+        self.matchers = [
+            None
+            if s is None
+            else xgr.GrammarMatcher(compiled[json.dumps(s, sort_keys=True)], override_stop_tokens=list(stop_ids))
+            for s in specs
+        ]
+        self.vocab_size, self.xgr = vocab_size, xgr
+
+    def mask(self, logits: torch.Tensor, drafts: torch.Tensor | None = None) -> None:
+        "Set disallowed logits (B, 1+k, V) to -inf in place; position j assumes the row's first j drafts were accepted."
+        B, P, V = logits.shape
+        bits = self.xgr.allocate_token_bitmask(B * P, self.vocab_size)  # all allowed
+        for b, m in enumerate(self.matchers):
+            if m is None or m.is_terminated():
+                continue
+            m.fill_next_token_bitmask(bits, b * P)
+            n = 0
+            for j in range(1, P):  # walk the drafts: the mask after each one the grammar accepts
+                if m.is_terminated() or not m.accept_token(int(drafts[b, j - 1])):
+                    break  # positions after a refused draft are never used
+                n += 1
+                if not m.is_terminated():
+                    m.fill_next_token_bitmask(bits, b * P + j)
+            if n:
+                m.rollback(n)
+        self.xgr.apply_token_bitmask_inplace(logits.view(B * P, V), bits, vocab_size=min(V, self.vocab_size))
+
+    def accept(self, toks: torch.Tensor) -> None:
+        "Advance each row's matcher by its new tokens (B, m)."
+        for b, row in enumerate(toks.tolist()):
+            m = self.matchers[b]
+            for t in row:
+                if m is None or m.is_terminated():
+                    break
+                if not m.accept_token(t):
+                    raise RuntimeError(f"row {b}: the grammar refused token {t} that its own mask allowed")
+
 # %% ../nbs/07_generate.ipynb #9b954315
 class HFCausalLM(torch.nn.Module):
     "Give a `transformers` causal LM microlm's model API (`new_cache`, `forward(ids, attention_mask=, cache=)`)."
@@ -394,7 +602,7 @@ class HFCausalLM(torch.nn.Module):
         self.hf, self.config = hf_model, hf_model.config
 
     def new_cache(self, batch_size: int, max_len: int):
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # only for transformers models
 
         return DynamicCache()
 
@@ -419,7 +627,7 @@ class HFCausalLM(torch.nn.Module):
 def time_generation(
     model, prompt_len: int, new: int, batch_size: int = 1, use_cache: bool = True, seed: int = 0
 ) -> dict:
-    "Seconds and new tokens per second of one greedy generation of `new` tokens after random `prompt_len`-token prompts."
+    "Seconds and new tokens/s of one greedy generation of `new` tokens after random `prompt_len`-token prompts."
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, model_config(model).vocab_size, (batch_size, prompt_len), generator=g)
     t0 = time.perf_counter()

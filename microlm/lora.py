@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import LoraConfig, Run, atomic_path, atomic_write
-from .stages import stage_body
+from .stages import get_stage, read_marker, stage_body, upstream_digests
 from .sft import finetune, finetune_setup
 from .train import read_log
 
@@ -245,7 +245,10 @@ def lora_stage(run: Run, force: bool = False, log_every: int = 10, progress: boo
 
 
 def compare_with_sft(run: Run, lora_evals: list[dict]) -> dict:
-    "Full SFT's validation-loss drop at LoRA's last evaluated step, and LoRA's drop as a share of it (if SFT ran)."
+    "SFT's validation-loss drop at LoRA's last evaluated step, and LoRA's share of it (same pretrained model only)."
+    sft_rec, base = read_marker(run, "sft"), upstream_digests(run, get_stage("lora"))["pretrain"]
+    if sft_rec is None or sft_rec["upstream"].get("pretrain") != base:
+        return {}  # no SFT, or an SFT of another pretrained model: nothing to compare with
     sft = [r for r in read_log(run / "sft" / "log.jsonl") if "val_loss" in r]
     if not sft or not lora_evals:
         return {}

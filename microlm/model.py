@@ -18,48 +18,15 @@ from .config import ModelConfig, atomic_path, atomic_write
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'CONFIG', 'rms_norm', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope', 'MLP',
-           'Attention', 'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'compute_dtype',
-           'linear_cross_entropy', 'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'save_model',
-           'read_model_config', 'check_state_dict', 'load_model']
+           'Attention', 'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'MicroLM',
+           'KVCache', 'count_params', 'to_hf_config', 'save_model', 'read_model_config', 'check_state_dict',
+           'load_model']
 
 # %% ../nbs/05_model.ipynb #65958319
-def rms_norm(
-    x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    "RMSNorm as `transformers` orders it (statistics in fp32, cast back, then the gain): (output, normalised x in fp32, 1/rms)."
-    dt = x.dtype
-    xf = x.to(torch.promote_types(dt, torch.float32))  # fp32 (fp64 stays fp64)
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-    xn = xf * r
-    y = weight * xn.to(dt)
-    return (y if out_dtype is None else y.to(out_dtype)), xn, r
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    "`rms_norm` with its backward written out: the same gradients in fewer passes over the activations than autograd's."
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            y, xn, r = rms_norm(x, weight, eps, out_dtype)
-        ctx.save_for_backward(xn, r, weight)
-        ctx.x_dtype = x.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        xn, r, w = ctx.saved_tensors
-        ct = xn.dtype  # fp32 (fp64 stays fp64)
-        with torch.autocast(dy.device.type, enabled=False):
-            # a bf16 gradient is cast once, not once per product
-            dy = dy.to(ct)
-            t = dy * xn  # each position's share of dL/dweight
-            dw = t.sum(tuple(range(t.dim() - 1))).to(w.dtype) if ctx.needs_input_grad[1] else None
-            dx = None
-            if ctx.needs_input_grad[0]:  # r * (g - xn * mean(g * xn)), g = dy * weight
-                m = (t @ w.to(ct)).unsqueeze_(-1).div_(xn.shape[-1])
-                dx = (dy * w.to(ct)).addcmul_(xn, m, value=-1).mul_(r).to(ctx.x_dtype)
-        return dx, dw, None, None
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    "RMSNorm as `transformers` orders it: statistics in fp32, cast back to `x`'s dtype, then the gain."
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays fp64)
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -70,12 +37,7 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # only linear layers read this: cast once for all of them
-        ac = torch.is_autocast_enabled(x.device.type)
-        out = torch.get_autocast_dtype(x.device.type) if ac else None
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _RMSNormFunction.apply(x, self.weight, self.eps, out)
-        return rms_norm(x, self.weight, self.eps, out)[0]
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -99,42 +61,8 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _swap_halves(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x2, x1), dim=-1)
-
-
-class _RoPEFunction(torch.autograd.Function):
-    "`apply_rope` for training: the same numbers, left in autocast's dtype, with the backward written out."
-
-    @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        c, s = cos[:, None], sin[:, None]
-        h = s.shape[-1] // 2
-        ct = torch.promote_types(x.dtype, cos.dtype)
-        ac = torch.is_autocast_enabled(x.device.type)  # attention would cast q and k to this anyway
-        out = torch.get_autocast_dtype(x.device.type) if ac else ct
-        xf = x.to(ct)  # rotate_half(x) * s == swap(x) * (-s1, s2)
-        y = (xf * c).add_(_swap_halves(xf).mul_(torch.cat((-s[..., :h], s[..., h:]), -1))).to(out)
-        ctx.save_for_backward(cos, sin)
-        ctx.dtypes = x.dtype, ct
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        cos, sin = ctx.saved_tensors
-        x_dtype, ct = ctx.dtypes
-        c, s = cos[:, None], sin[:, None]
-        h = s.shape[-1] // 2
-        # dx = dy*c + rotate_half^T(dy*s) = dy*c + swap(dy) * (s2, -s1)
-        dy = dy.to(ct)
-        return (dy * c).addcmul_(_swap_halves(dy), torch.cat((s[..., h:], -s[..., :h]), -1)).to(x_dtype), None, None
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     "Rotate `x` (B, nh, T, hd) by the angles in `cos`/`sin` (B, T, hd)."
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _RoPEFunction.apply(x, cos, sin)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 # %% ../nbs/05_model.ipynb #b43c7bb3
@@ -154,8 +82,9 @@ class MLP(nn.Module):
 class Attention(nn.Module):
     "Causal grouped-query self-attention with RoPE, through `scaled_dot_product_attention`."
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, rope=apply_rope):
         super().__init__()
+        self.rope = rope  # (x, cos, sin) -> x rotated; 05a_fastpath passes a faster one
         C, self.nh, self.nkv, self.hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.layer_idx = layer_idx  # where this layer's keys and values live in a KVCache
         self.q_proj = nn.Linear(C, self.nh * self.hd, bias=False)
@@ -170,7 +99,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         causal = mask is None and (cache is None or cache.length == 0)  # no offset, no padding: the fast path
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
@@ -191,7 +120,7 @@ def positions_and_mask(
     past: int = 0,  # positions already in the cache
     device=None,
 ) -> tuple[Tensor, Tensor | None]:
-    "Position ids (B or 1, T) and the boolean attention mask (B or 1, 1, T, past+T); mask None when `is_causal` suffices."
+    "Position ids (B or 1, T) and the boolean mask (B or 1, 1, T, past+T); None when `is_causal` suffices."
     S = past + T
     if attention_mask is None:
         pos = torch.arange(past, S, device=device)[None]
@@ -208,11 +137,11 @@ def positions_and_mask(
 class DecoderLayer(nn.Module):
     "x + attn(norm(x)), then x + mlp(norm(x))."
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, norm=RMSNorm, rope=apply_rope):
         super().__init__()
-        self.self_attn, self.mlp = Attention(cfg, layer_idx), MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn, self.mlp = Attention(cfg, layer_idx, rope), MLP(cfg)
+        self.input_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
@@ -246,75 +175,11 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     total = F.cross_entropy(logits.float().reshape(tgt.numel(), -1), tgt, ignore_index=ignore_index, reduction="sum")
     return total / (tgt != ignore_index).sum().clamp(min=1)  # 0, not NaN, when nothing is supervised
 
-# %% ../nbs/05_model.ipynb #a6ca64fa
-def compute_dtype(x: Tensor) -> torch.dtype:
-    "The dtype matmuls on `x` run in: autocast's where it is on for `x`'s device, else `x`'s own."
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def _chunked_ce(x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool, grad_w: bool, chunk: int = 0):
-    "Summed loss, number of supervised rows, and (if asked) the gradients of the mean loss for x and w."
-    dt = compute_dtype(x)
-    xs, ws = x.to(dt), w.to(dt)
-    N, V = x.shape[0], w.shape[0]
-    # ~2 MB of fp32 logits per chunk on the CPU
-    chunk = chunk or max(16, (2**19 if x.device.type == "cpu" else 2**24) // V)
-    valid = t != ignore_index
-    n = valid.sum().clamp(min=1)
-    acc = torch.promote_types(dt, torch.float32)  # fp32 (fp64 stays fp64)
-    total = torch.zeros((), dtype=acc, device=x.device)
-    grad = grad_x or grad_w
-    # (N, V) logits in the matmul dtype; each chunk overwrites its rows with their gradient
-    G = xs @ ws.t() if grad else None
-    for i in range(0, N, chunk):
-        s = slice(i, i + chunk)
-        tc, vc = t[s].clamp(min=0)[:, None], valid[s][:, None]
-        z = (G[s] if grad else xs[s] @ ws.t()).to(acc)  # (chunk, V) logits, fp32
-        lse = z.logsumexp(-1, keepdim=True)
-        total += ((lse - z.gather(1, tc)) * vc).sum()
-        # (softmax - onehot) / N, 0 where ignored
-        if grad:
-            G[s] = z.sub_(lse).exp_().scatter_add_(1, tc, -vc.to(acc)).mul_(vc.to(acc) / n)
-    return total, n, (G @ ws if grad_x else None), (G.t() @ xs if grad_w else None)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    "Loss and gradients in one chunked forward pass; backward scales them by the incoming gradient."
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, t: Tensor, ignore_index: int, chunk: int) -> Tensor:
-        total, n, gx, gw = _chunked_ce(x, w, t, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk)
-        ctx.save_for_backward(*(g for g in (gx, gw) if g is not None))
-        ctx.has = gx is not None, gw is not None
-        ctx.dtypes = x.dtype, w.dtype
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        saved, out = iter(ctx.saved_tensors), []
-        for has, dt in zip(ctx.has, ctx.dtypes):
-            g = next(saved) if has else None
-            out.append(None if g is None else (g.to(torch.promote_types(g.dtype, torch.float32)) * grad).to(dt))
-        gx, gw = out
-        return gx, gw, None, None, None
-
-
-def linear_cross_entropy(
-    x: Tensor,  # (N, C) hidden states
-    w: Tensor,  # (V, C) output-layer weight
-    targets: Tensor,  # (N,) target ids; `ignore_index` = not supervised
-    ignore_index: int = -100,
-    chunk: int = 0,  # rows per chunk (0: about 2 MB of fp32 logits on the CPU, 64 MB on a GPU)
-) -> Tensor:
-    "Mean cross-entropy of the logits `x @ w.T` against `targets`, computed chunk by chunk without materialising fp32 logits."
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return _LinearCrossEntropy.apply(x, w, targets, ignore_index, chunk)
-    total, n, _, _ = _chunked_ce(x, w, targets, ignore_index, False, False, chunk)
-    return total / n
-
 # %% ../nbs/05_model.ipynb #b41dbe0b
 class MicroLM(nn.Module):
     "A Llama-style decoder with `transformers.LlamaForCausalLM`'s parameter names."
+
+    norm_cls, rope_fn = RMSNorm, staticmethod(apply_rope)  # building blocks; 05a_fastpath swaps in faster ones
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -322,8 +187,10 @@ class MicroLM(nn.Module):
         self.model = nn.ModuleDict(
             dict(
                 embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-                layers=nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)),
-                norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+                layers=nn.ModuleList(
+                    DecoderLayer(cfg, i, self.norm_cls, self.rope_fn) for i in range(cfg.num_hidden_layers)
+                ),
+                norm=self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps),
             )
         )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -370,14 +237,15 @@ class MicroLM(nn.Module):
                 raise ValueError("give labels (shifted here) or targets (already shifted), not both")
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            # a plain output layer on the CPU: chunked, no logits
-            if type(self.lm_head) is nn.Linear and x.device.type == "cpu":
-                return ModelOutput(None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten()))
-            return ModelOutput(
-                None, F.cross_entropy(self.lm_head(x).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-            )
+            return ModelOutput(None, self.loss(x.flatten(0, 1), targets.flatten()))
         logits = self.lm_head(x[:, -keep:] if keep else x)  # (B, T or keep, V)
         return ModelOutput(logits, None if labels is None else lm_loss(logits, labels))
+
+    def loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        "Mean cross-entropy of the output layer on final hidden states `x` (N, C) against `targets` (N,), -100 skipped."
+        logits = self.lm_head(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
+        return F.cross_entropy(logits, targets, ignore_index=-100)
 
     def _inv_freq(self) -> Tensor:
         if self.inv_freq.dtype == torch.float32:
@@ -435,7 +303,8 @@ class KVCache:
         self.length, self.mask = 0, None
 
     def __repr__(self):
-        return f"KVCache(batch={self.batch_size}, length={self.length}/{self.max_len}, layers={len(self.k)}, {tuple(self.k[0].shape)})"
+        shape = tuple(self.k[0].shape)
+        return f"KVCache(batch={self.batch_size}, length={self.length}/{self.max_len}, layers={len(self.k)}, {shape})"
 
 # %% ../nbs/05_model.ipynb #aaa7320c
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -525,15 +394,15 @@ def check_state_dict(sd: dict, model: MicroLM, source: str = "state_dict") -> No
         raise ValueError(f"{source} does not fit the config: " + "; ".join(problems))
 
 
-def load_model(folder: str | Path, device="cpu") -> MicroLM:
-    "Rebuild the model saved by `save_model` in `folder`, on `device`."
+def load_model(folder: str | Path, device="cpu", cls: type | None = None) -> MicroLM:
+    "Rebuild the model saved by `save_model` in `folder`, on `device`, as `cls` (default `MicroLM`)."
     cfg = read_model_config(folder)
     path = Path(folder) / WEIGHTS
     try:
         sd = load_file(str(path))
     except Exception as e:
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    model = MicroLM(cfg)
+    model = (cls or MicroLM)(cfg)
     if cfg.tie_word_embeddings and "lm_head.weight" in sd:  # tolerated only if it really is the embedding
         head = sd.pop("lm_head.weight")
         emb = sd.get("model.embed_tokens.weight")

@@ -137,7 +137,7 @@ def _add_run_args(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `microlm` argument parser: one subcommand per registered stage, plus pipeline, status and chat."
+    "The `microlm` argument parser: one subcommand per registered stage, plus pipeline, status, chat and web."
     ap = argparse.ArgumentParser(
         prog="microlm",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="chat with a model in the terminal (microlm chat --model PATH; see microlm chat --help)",
     )
+    sub.add_parser(
+        "web",
+        add_help=False,
+        help="chat with the run's deployed models in the browser (microlm web --run DIR; see microlm web --help)",
+    )
     return ap
 
 
@@ -190,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from microlm.chat import chat_main  # here: the chat's imports are not the CLI's
 
         return chat_main(argv[1:])
+    if argv[:1] == ["web"]:  # the chat page has its own options (19a_web)
+        from microlm.web import web_main  # here: the web server's imports are not the CLI's
+
+        return web_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         run = resolve_run(args)

@@ -4,7 +4,8 @@
 
 # %% ../nbs/18_serve.ipynb #e7a7c01c
 from __future__ import annotations
-import argparse, atexit, contextlib, json, os, random, signal, socket, subprocess, sys, tempfile, time, urllib.error, urllib.request
+import argparse, atexit, contextlib, json, os, random, signal, socket, subprocess, sys, tempfile, time
+import urllib.error, urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +15,7 @@ __all__ = ['LORA_RANKS', 'COMPACT_JSON_ARGS', 'WATCHDOG', 'make_tiny_hf_model', 
 
 # %% ../nbs/18_serve.ipynb #c97471c0
 def _tiny_tokenizer(vocab_size: int, seed: int):
-    "The project's own tokenizer (04_tokenizer: byte-level BPE, special tokens, chat template) on seeded pseudo-words and JSON."
+    "The project's tokenizer (04_tokenizer: byte-level BPE, specials, chat template) on seeded pseudo-words and JSON."
     from microlm.tokenizer import to_hf, train_bpe  # here: transformers is heavy, and only this test model needs it
 
     rng = random.Random(seed)
@@ -29,8 +30,9 @@ def make_tiny_hf_model(
     with_lora: bool = True,  # also write a PEFT LoRA adapter with random non-zero B
 ) -> dict:
     "Write a tiny random `LlamaForCausalLM` folder (+ LoRA adapter) that vLLM can serve; return their paths."
+    # torch, transformers and peft only here: the server launcher itself stays light
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # (see above)
 
     folder = Path(folder)
     model_dir, lora_dir = folder / "model", folder / "lora"
@@ -56,7 +58,7 @@ def make_tiny_hf_model(
     GenerationConfig(eos_token_id=[2, 0], pad_token_id=3).save_pretrained(model_dir)
     out = {"model": model_dir, "lora": None}
     if with_lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # only with an adapter
 
         torch.manual_seed(seed + 1)
         peft_model = get_peft_model(
@@ -149,7 +151,7 @@ def server_command(
 def has_cuda() -> bool:
     "Whether a CUDA device is visible (then vLLM's GPU build is expected)."
     try:
-        import torch
+        import torch  # light module: torch only when asked
 
         return torch.cuda.is_available()
     except Exception:
@@ -331,7 +333,7 @@ class VLLMServer:
 
     def client(self, timeout: float = 120, **kw):
         "An `openai.OpenAI` client for this server (no retries: errors must show)."
-        import openai
+        import openai  # the `serve` extra
 
         return openai.OpenAI(
             base_url=self.base_url, api_key=self.api_key or "EMPTY", timeout=timeout, max_retries=0, **kw
@@ -339,7 +341,7 @@ class VLLMServer:
 
     def async_client(self, timeout: float = 120, **kw):
         "An `openai.AsyncOpenAI` client for this server."
-        import openai
+        import openai  # the `serve` extra
 
         return openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self.api_key or "EMPTY", timeout=timeout, max_retries=0, **kw
@@ -347,7 +349,7 @@ class VLLMServer:
 
     def rss(self) -> int:
         "Resident memory (bytes) of the server's whole process tree."
-        import psutil
+        import psutil  # the `serve` extra
 
         if not self.alive():
             return 0
@@ -371,7 +373,7 @@ class VLLMServer:
 # %% ../nbs/18_serve.ipynb #18f93244
 def _offline_main(args) -> None:
     "Run `vllm.LLM` on a JSON list of prompts; write `[{text, token_ids}]` to `args.out`."
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams  # vllm only in this subprocess
 
     spec = json.loads(Path(args.spec).read_text())
     llm = LLM(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import Preset, Run, atomic_write, stable_hash
+from .config import Preset, Run, atomic_write, machine, stable_hash
 
 # %% auto #0
 __all__ = ['STAGES', 'Stage', 'get_stage', 'plan', 'sha256_file', 'scan', 'digest', 'diff', 'marker_path', 'read_marker',
@@ -63,6 +63,15 @@ STAGES = {
             "pretrain the decoder on the token memmaps (resumes from checkpoints)",
         ),
         Stage(
+            "draft",
+            ("tokenizer",),
+            ("draft", "draft_train"),
+            ("draft",),
+            "microlm.inference:draft_stage",
+            "Draft model",
+            "pretrain the small draft model that proposes tokens for speculative decoding",
+        ),
+        Stage(
             "sft",
             ("pretrain",),
             ("sft_data", "sft"),
@@ -81,6 +90,24 @@ STAGES = {
             "LoRA fine-tuning of the pretrained model",
         ),
         Stage(
+            "dpo",
+            ("sft",),
+            ("sft_data", "dpo", "dpo_train"),
+            ("dpo",),
+            "microlm.dpo:dpo_stage",
+            "Preference tuning (DPO)",
+            "DPO on preference pairs from the SFT model's own answers, ranked by the task scorer",
+        ),
+        Stage(
+            "rl",
+            ("sft",),
+            ("sft_data", "rl", "rl_train"),
+            ("rl",),
+            "microlm.rl:rl_stage",
+            "Reinforcement learning (GRPO)",
+            "GRPO-style RL from the task scorer's verifiable reward (starts from the model of its dependency)",
+        ),
+        Stage(
             "pretrained",
             ("data",),
             ("sft_data", "pretrained", "pretrained_lora", "pretrained_train"),
@@ -94,19 +121,28 @@ STAGES = {
             "export",
             ("sft", "lora"),
             (),
-            ("hf/own_base", "hf/own_sft", "hf/own_lora", "hf/own_lora_adapter"),
+            ("hf/own_base", "hf/own_sft", "hf/own_lora", "hf/own_lora_adapter", "gguf"),
             "microlm.export:export_stage",
             "Export to Hugging Face",
-            "export the own models as Hugging Face Llama folders",
+            "export the own models as Hugging Face Llama folders and GGUF files for llama.cpp",
         ),
         Stage(
             "eval",
-            ("export", "pretrained"),
+            ("export", "pretrained", "dpo", "rl"),
             ("eval",),
             ("eval",),
             "microlm.evaluate:eval_stage",
             "Evaluation",
             "evaluate all models and write the leaderboard",
+        ),
+        Stage(
+            "quant",
+            ("export", "eval"),
+            ("sft_data", "eval"),
+            ("quant",),
+            "microlm.quant:quant_stage",
+            "Quantization in llama.cpp",
+            "measure every GGUF type of own_sft in llama.cpp: size, bits per byte, structured scores, speed",
         ),
         Stage(
             "verify",
@@ -305,7 +341,7 @@ def execute(
         return read_marker(run, name)["summary"]
     log(f"{step}{name}: running ({why})")
     t0, fp = time.time(), fingerprint(run, name)  # inputs as they were when the work began
-    running = {"started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    running = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine()}  # the load it started under
     if _rank0():
         atomic_write(_running_path(run, name), running)
     summary = body(run, force=force, **kw)
@@ -327,6 +363,8 @@ def execute(
                 outputs_digest=digest(outputs),
                 finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                 seconds=round(time.time() - t0, 2),
+                machine=running["machine"],
+                load_end=[round(x, 2) for x in os.getloadavg()],
                 summary=summary,
             ),
         )

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -19,8 +21,8 @@ from .stages import sha256_file, stage_body
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'EOT_ID', 'IM_START_ID', 'IM_END_ID', 'PAD_ID', 'STOP_TOKENS', 'N_BYTES', 'CHAT_TEMPLATE', 'new_bpe',
            'train_bpe', 'encode', 'decode', 'token_strings', 'check_chat_template', 'to_hf', 'stop_ids',
-           'save_tokenizer', 'load_tokenizer', 'token_dtype', 'encode_docs', 'write_tokens', 'load_tokens',
-           'tokenizer_stage']
+           'save_tokenizer', 'load_tokenizer', 'plot_tokens', 'token_dtype', 'encode_docs', 'write_tokens',
+           'load_tokens', 'tokenizer_stage']
 
 # %% ../nbs/04_tokenizer.ipynb #26115f53
 SPECIAL_TOKENS = (EOT, "<|im_start|>", "<|im_end|>", "<|pad|>")  # ids 0, 1, 2, 3
@@ -175,6 +177,40 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     check_chat_template(hf.chat_template, [t.content for t in hf.added_tokens_decoder.values() if t.special])
     return hf
 
+# %% ../nbs/04_tokenizer.ipynb #4dd1627f
+def plot_tokens(
+    tok,  # a tokenizer with `decode`
+    ids: list[int],  # the tokens, in order
+    kinds: list[str],  # one label per token (its box colour)
+    colors: dict[str, str],  # label → colour, in legend order
+    title: str = "",
+    wrap: int = 110,  # characters per row
+) -> Figure:
+    "One box per token in reading order, a new row after each newline, coloured by kind."
+    boxes, x, y = [], 0.0, 0
+    for i, k in zip(ids, kinds):
+        piece = tok.decode([int(i)])
+        t = piece.replace("\n", "⏎").replace(" ", "␣") or "∅"
+        n = len(t) + 0.6
+        if x + n > wrap:
+            x, y = 0.0, y + 1
+        boxes.append((x, y, n, t, k))
+        x += n + 0.2
+        if piece.endswith("\n"):
+            x, y = 0.0, y + 1
+    rows = max(b[1] for b in boxes) + 1
+    fig = Figure(figsize=(11, 0.36 * rows + 0.9))
+    ax = fig.subplots()
+    for x, y, n, t, k in boxes:
+        ax.add_patch(Rectangle((x, -y - 0.4), n, 0.8, fc=colors[k], ec="gray", lw=0.5))
+        ax.text(x + n / 2, -y, t, ha="center", va="center", family="monospace", fontsize=8)
+    handles = [Patch(fc=c, ec="gray", label=k) for k, c in colors.items()]
+    ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1, 1), ncol=len(colors), frameon=False, fontsize=8)
+    ax.set(xlim=(-0.5, wrap), ylim=(-rows + 0.4, 0.6))
+    ax.set_title(title, loc="left", fontsize=10)
+    ax.axis("off")
+    return fig
+
 # %% ../nbs/04_tokenizer.ipynb #d019ab43
 def token_dtype(vocab_size: int) -> np.dtype:
     "The smallest unsigned dtype that holds every id."
@@ -266,7 +302,7 @@ def load_tokens(run: Run, split: str) -> np.memmap:
 # %% ../nbs/04_tokenizer.ipynb #63ce6ade
 @stage_body("tokenizer")
 def tokenizer_stage(run: Run, force: bool = False) -> dict:
-    "Train the tokenizer on `run/'data'/train.txt`, save it to `run/'tokenizer'`, encode all splits into `run/'tokens'`."
+    "Train the tokenizer on `run/'data'/train.txt` into `run/'tokenizer'`; encode the splits into `run/'tokens'`."
     for s in SPLITS:
         if not (run / "data" / f"{s}.txt").exists():
             raise FileNotFoundError(f"{run / 'data' / f'{s}.txt'} is missing; run the data stage first")

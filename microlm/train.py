@@ -32,28 +32,40 @@ from microlm.config import (
     seed_everything,
     stable_hash,
 )
+from .fastpath import FastMicroLM
 from .model import MicroLM, save_model
 from .stages import stage_body, stage_key
 from .tokenizer import load_tokens
 
 # %% auto #0
-__all__ = ['lr_at', 'param_groups', 'muon_split', 'Optimizers', 'make_optimizer', 'TokenWindows', 'eval_windows',
+__all__ = ['lr_at', 'momentum_at', 'param_groups', 'muon_split', 'Optimizers', 'make_optimizer', 'TokenWindows', 'eval_windows',
            'next_token_loss', 'evaluate', 'bits_per_byte', 'CheckpointError', 'CheckpointMismatch', 'list_checkpoints',
            'rng_states', 'set_rng_states', 'checkpoint_weights', 'save_checkpoint', 'read_checkpoint',
            'latest_checkpoint', 'read_log', 'plot_log', 'dist_env', 'init_distributed', 'train_step', 'fit_steps',
-           'train', 'token_meta', 'split_bytes_per_token', 'pretrain_stage', 'main', 'matmul_params',
-           'train_flops_per_token']
+           'train', 'token_meta', 'split_bytes_per_token', 'pretrain_model', 'pretrain_stage', 'main']
 
 # %% ../nbs/06_train.ipynb #c9ccf76f
 def lr_at(
     step: int,  # optimizer step, 0-based
-    cfg: TrainConfig,  # lr, min_lr, warmup_steps, max_steps
+    cfg: TrainConfig,  # lr, min_lr, warmup_steps, max_steps, schedule, decay_frac
 ) -> float:
-    "Learning rate at `step`: linear warmup to `cfg.lr`, then cosine decay to `cfg.min_lr` at `max_steps`."
+    "Learning rate at `step`: linear warmup to `cfg.lr`, then cosine decay to `min_lr`, or stable then linear ('wsd')."
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    n = max(1, cfg.max_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / n)
+    if cfg.schedule == "wsd":  # t along the decay, which takes the last `decay_frac` of the steps after the warmup
+        d = cfg.decay_frac
+        t = 0.0 if d == 0 else max(0.0, (t - (1 - d)) / d)
+        return cfg.lr + (cfg.min_lr - cfg.lr) * t
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def momentum_at(step: int, cfg: TrainConfig) -> float:
+    "Muon's momentum at `step`: from 0.85 up to `cfg.muon_momentum` over `momentum_warmup` steps, then constant."
+    if step >= cfg.momentum_warmup:
+        return cfg.muon_momentum
+    return 0.85 + (cfg.muon_momentum - 0.85) * step / cfg.momentum_warmup
 
 # %% ../nbs/06_train.ipynb #e76b408c
 def _decay_groups(ps: list, weight_decay: float) -> list[dict]:
@@ -123,12 +135,23 @@ def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | Optimizers:
-    "AdamW over the trainable parameters of `model` (fused where supported); with `cfg.optimizer='muon'`, Muon takes the hidden matrices."
+    "AdamW over the trainable parameters (fused where possible); `optimizer='muon'` gives the hidden matrices to Muon."
     if cfg.optimizer == "muon":
         hidden, rest = muon_split(model)
         if hidden:  # 'match_rms_adamw': updates scaled to AdamW's size, so AdamW's lr and weight decay carry over
-            muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
-            return Optimizers(muon, _adamw(_decay_groups(rest, cfg.weight_decay), cfg)) if rest else muon
+            muon = torch.optim.Muon(
+                hidden,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                momentum=momentum_at(0, cfg),
+                adjust_lr_fn="match_rms_adamw",
+            )
+            if not rest:
+                return muon
+            groups = _decay_groups(rest, cfg.weight_decay)  # embedding and output matrices first, then vectors
+            if cfg.embed_lr and groups[0]["weight_decay"]:
+                groups[0]["lr_scale"] = cfg.embed_lr / cfg.lr  # the loop multiplies the scheduled lr by it
+            return Optimizers(muon, _adamw(groups, cfg))
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("make_optimizer: the model has no parameters with requires_grad=True")
@@ -136,7 +159,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer 
 
 # %% ../nbs/06_train.ipynb #fe37631a
 class TokenWindows:
-    "Random training windows of `seq_len + 1` tokens from a 1-D token array, drawn by a seeded generator."
+    "Training windows of `seq_len + 1` tokens: random offsets, or ('epoch') every window once per shuffled pass."
 
     def __init__(
         self,
@@ -144,28 +167,53 @@ class TokenWindows:
         batch_size: int,
         seq_len: int,
         seed: int = 0,
+        shuffle: str = "random",  # 'random' offsets (with replacement), or 'epoch'
     ):
         if len(tokens) < seq_len + 2:
             raise ValueError(f"TokenWindows: {len(tokens)} tokens cannot fill a window of seq_len+1={seq_len + 1}")
-        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        if shuffle not in ("random", "epoch"):
+            raise ValueError(f"TokenWindows: shuffle must be 'random' or 'epoch', got {shuffle!r}")
+        self.tokens, self.batch_size, self.seq_len, self.shuffle, self.seed = tokens, batch_size, seq_len, shuffle, seed
         self.gen = torch.Generator().manual_seed(seed)
+        self.epoch, self.pos, self.order = 0, 0, None
+
+    def _epoch_starts(self) -> list[int]:
+        "This epoch's window starts: a random offset, then every following window, in a random order."
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        off = int(torch.randint(self.seq_len, (1,), generator=g))
+        n = (len(self.tokens) - off - 1) // self.seq_len
+        return (off + self.seq_len * torch.randperm(n, generator=g)).tolist()
+
+    def _next_starts(self) -> list[int]:
+        if self.shuffle == "random":
+            return torch.randint(len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.gen).tolist()
+        ix = []
+        while len(ix) < self.batch_size:
+            if self.order is None or self.pos >= len(self.order):
+                self.epoch += self.order is not None
+                self.order, self.pos = self._epoch_starts(), 0
+            take = self.order[self.pos : self.pos + self.batch_size - len(ix)]
+            ix, self.pos = ix + take, self.pos + len(take)
+        return ix
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.gen).tolist()
+        ix = self._next_starts()
         w = torch.from_numpy(np.stack([self.tokens[i : i + self.seq_len + 1] for i in ix]).astype(np.int64))  # (B, T+1)
         return w[:, :-1], w[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state()}
+        return {"generator": self.gen.get_state(), "epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, d: dict):
         self.gen.set_state(d["generator"])
+        self.epoch, self.pos = d.get("epoch", 0), d.get("pos", 0)
+        self.order = self._epoch_starts() if self.shuffle == "epoch" and self.pos else None
 
 
 def eval_windows(
     tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    "Fixed, evenly spaced validation batches: the same text at every evaluation, so val loss is comparable across steps and runs."
+    "Fixed, evenly spaced validation batches: the same text at every evaluation, comparable across steps and runs."
     if len(tokens) < seq_len + 1:
         raise ValueError(f"eval_windows: {len(tokens)} tokens cannot fill a window of seq_len+1={seq_len + 1}")
     starts = np.linspace(0, len(tokens) - seq_len - 1, n_batches * batch_size).astype(np.int64)
@@ -174,7 +222,7 @@ def eval_windows(
 
 # %% ../nbs/06_train.ipynb #03bc9428
 def next_token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    "Mean next-token cross-entropy (fp32) against targets `y` (-100 ignored): chunked, without logits, for a `MicroLM`; else from `model(x).logits`."
+    "Mean next-token cross-entropy (fp32) against targets `y` (-100 ignored): `MicroLM`'s own loss, else from logits."
     inner = getattr(model, "_orig_mod", model)
     inner = getattr(inner, "module", inner)  # under torch.compile and DDP
     if isinstance(inner, MicroLM):
@@ -293,7 +341,7 @@ def _diff(a: dict, b: dict) -> str:
 
 
 def read_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> tuple[dict, dict]:
-    "Validate and read one checkpoint folder against `model` and the expected `meta`: (weights, state), or a clear error."
+    "Check one checkpoint folder against `model` and the expected `meta`: (weights, state), or a clear error."
     path = Path(path)
     mf, wf, sf = path / "meta.json", path / "model.safetensors", path / "state.pt"
     try:
@@ -301,9 +349,8 @@ def read_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> tuple[dic
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{mf}: unreadable checkpoint meta ({type(e).__name__}: {e})") from None
     if got.get("model_config") != meta.get("model_config"):
-        raise CheckpointMismatch(
-            f"{mf}: checkpoint is for another model ({_diff(got.get('model_config') or {}, meta.get('model_config') or {})})"
-        )
+        diff = _diff(got.get("model_config") or {}, meta.get("model_config") or {})
+        raise CheckpointMismatch(f"{mf}: checkpoint is for another model ({diff})")
     if got.get("config_hash") != meta.get("config_hash"):
         raise CheckpointMismatch(
             f"{mf}: checkpoint was made with another configuration (config hash "
@@ -316,9 +363,10 @@ def read_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> tuple[dic
     want = {k: tuple(v.shape) for k, v in checkpoint_weights(model).items()}
     have = {k: tuple(v.shape) for k, v in weights.items()}
     if want != have:
+        shapes = [(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]][:5]
         raise CheckpointMismatch(
             f"{wf}: weights do not fit the model (missing {sorted(set(want) - set(have))[:5]}, unexpected "
-            f"{sorted(set(have) - set(want))[:5]}, shapes {[(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]][:5]})"
+            f"{sorted(set(have) - set(want))[:5]}, shapes {shapes})"
         )
     try:
         state = torch.load(sf, map_location="cpu", weights_only=True)
@@ -327,9 +375,8 @@ def read_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> tuple[dic
             f"{sf}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
     if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= set(state):
-        raise CheckpointError(
-            f"{sf}: not a microlm training state (keys {sorted(state) if isinstance(state, dict) else type(state).__name__})"
-        )
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{sf}: not a microlm training state (keys {keys})")
     return weights, state
 
 
@@ -363,7 +410,7 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 def plot_log(log: list[dict] | str | Path, path: str | Path | None = None, title: str = "") -> Figure:
-    "Train and validation loss against tokens seen (validation bits per byte on the right axis); saved to `path` if given."
+    "Train and validation loss against tokens seen (validation bits per byte on the right); saved to `path` if given."
     recs = read_log(log) if isinstance(log, (str, Path)) else log
     tr = [r for r in recs if "loss" in r]
     ev = [r for r in recs if "val_loss" in r]
@@ -416,7 +463,7 @@ def train_step(
     loss_fn: Callable = next_token_loss,
     ddp: nn.parallel.DistributedDataParallel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    "One optimizer step with gradient accumulation (DDP all-reduce on the last micro-batch only) and clipping: (mean loss, grad norm)."
+    "One optimizer step: gradient accumulation (DDP all-reduce on the last micro-batch), clipping: (loss, grad norm)."
     loss_sum, n = torch.zeros((), device=device), len(micro_batches)
     for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -595,7 +642,9 @@ def train(
         t0 = time.perf_counter()
         lr = lr_at(step, replace(cfg, max_steps=max_steps))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+            if "nesterov" in g:  # a Muon group
+                g["momentum"] = momentum_at(step, cfg)
         loss_sum, gnorm = train_step(
             fwd, opt, [batches() for _ in range(cfg.grad_accum)], cfg.grad_clip, device, amp, loss_fn, ddp
         )
@@ -677,33 +726,33 @@ def split_bytes_per_token(meta: dict, split: str) -> float:
     return float(meta["bytes_per_token"][split])
 
 # %% ../nbs/06_train.ipynb #f2f88476
-@stage_body("pretrain")
-def pretrain_stage(
+def pretrain_model(
     run: Run,
+    stage: str,  # the stage that trains it: its folder, checkpoint key and progress label
+    mcfg: ModelConfig,  # the decoder to train from scratch
+    cfg: TrainConfig,
     force: bool = False,
-    # stop early after this much training time (a budget, not a preset field)
-    max_minutes: float | None = None,
-    # fit the schedule (fewer steps, fully decayed) to this much training time
-    fit_minutes: float | None = None,
+    max_minutes: float | None = None,  # stop early after this much training time
+    fit_minutes: float | None = None,  # fit the schedule (fewer steps, fully decayed) to this much time
     log_every: int = 10,
     progress: bool = True,
 ) -> dict:
-    "Pretrain `run.preset.model` on the run's token memmaps; writes run/'pretrain'/{log.jsonl, loss.png, model.safetensors, config.json}."
+    "Train a fresh `mcfg` decoder on the run's token memmaps into run/stage (log, plot, checkpoints, weights); summary."
     t0, p = time.time(), run.preset
-    cfg, mcfg = p.pretrain, p.model
+    if fit_minutes is None and cfg.fit_minutes:
+        fit_minutes = cfg.fit_minutes  # the preset's own budget
     meta = token_meta(run)
     if meta.get("vocab_size") != mcfg.vocab_size:
         raise ValueError(
-            f"pretrain: model vocab_size={mcfg.vocab_size} but the tokenizer in {run / 'tokens' / 'meta.json'} has "
-            f"vocab_size={meta.get('vocab_size')}; set model.vocab_size to the tokenizer's"
+            f"{stage}: vocab_size={mcfg.vocab_size} but the tokenizer in {run / 'tokens' / 'meta.json'} has "
+            f"vocab_size={meta.get('vocab_size')}; set {stage}'s model vocab_size to the tokenizer's"
         )
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise ValueError(
-            f"pretrain: seq_len={cfg.seq_len} exceeds the model's "
-            f"max_position_embeddings={mcfg.max_position_embeddings}"
+            f"{stage}: seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={mcfg.max_position_embeddings}"
         )
     rank, world, device = init_distributed()
-    out = run / "pretrain"
+    out = run / stage
     if force and rank == 0:
         shutil.rmtree(out / "ckpt", ignore_errors=True)
     if world > 1:
@@ -711,10 +760,10 @@ def pretrain_stage(
     # here, not at the top: the loop itself needs no transformers import
     train_tok, valid_tok = load_tokens(run, "train"), load_tokens(run, "valid")
     seed_everything(p.seed)  # the same initial weights on every rank
-    model = MicroLM(mcfg)
-    batches = TokenWindows(train_tok, cfg.batch_size, cfg.seq_len, seed=p.seed + 1 + rank)
+    model = FastMicroLM(mcfg)  # the plain model with its training fast paths (05a)
+    batches = TokenWindows(train_tok, cfg.batch_size, cfg.seq_len, seed=p.seed + 1 + rank, shuffle=cfg.shuffle)
     valid = eval_windows(valid_tok, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
-    ck_meta = {"config_hash": stage_key(run, "pretrain"), "model_config": asdict(mcfg)}
+    ck_meta = {"config_hash": stage_key(run, stage), "model_config": asdict(mcfg)}
     s = train(
         model,
         batches,
@@ -726,7 +775,7 @@ def pretrain_stage(
         log_every=log_every,
         max_minutes=max_minutes,
         progress=progress,
-        desc="pretrain",
+        desc=stage,
         on_mismatch="restart",
         fit_minutes=None if fit_minutes is None else fit_minutes - (time.time() - t0) / 60,
     )  # the stage's set-up counts too
@@ -742,6 +791,22 @@ def pretrain_stage(
     if world > 1:
         dist.barrier()
     return summary
+
+
+@stage_body("pretrain")
+def pretrain_stage(
+    run: Run,
+    force: bool = False,
+    # stop early after this much training time (a budget, not a preset field)
+    max_minutes: float | None = None,
+    # fit the schedule (fewer steps, fully decayed) to this much training time
+    fit_minutes: float | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+) -> dict:
+    "Pretrain `run.preset.model` on the run's token memmaps; writes run/'pretrain'/ (log, plot, model, config)."
+    p = run.preset
+    return pretrain_model(run, "pretrain", p.model, p.pretrain, force, max_minutes, fit_minutes, log_every, progress)
 
 # %% ../nbs/06_train.ipynb #8f13dcf6
 def main(argv: list[str] | None = None) -> dict:
@@ -808,14 +873,3 @@ def main(argv: list[str] | None = None) -> dict:
 # `python -m microlm.train`; not when this cell runs in a notebook
 if __name__ == "__main__" and "__file__" in globals():
     main()
-
-# %% ../nbs/06_train.ipynb #f17c6adc
-def matmul_params(mcfg: ModelConfig) -> int:
-    "Parameters used in matmuls for each token: attention and MLP projections of every layer, and the output head."
-    d, f, kv = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_key_value_heads * mcfg.head_dim
-    return mcfg.num_hidden_layers * (2 * d * d + 2 * d * kv + 3 * d * f) + mcfg.vocab_size * d
-
-
-def train_flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
-    "Training FLOPs per token: 6 × matmul parameters + 12 × layers × width × context (attention)."
-    return 6 * matmul_params(mcfg) + 12 * mcfg.num_hidden_layers * mcfg.hidden_size * seq_len

@@ -609,7 +609,7 @@ def _worst_len(s: dict) -> int:
 
 
 def _bounded(s: dict, items: int, chars: int) -> dict:
-    "A copy of `s` with every object closed, arrays of at most `items`, strings of at most `chars` safe characters, integers 0..999."
+    "A copy of `s`: objects closed, arrays of at most `items`, strings of at most `chars` safe characters, ints 0..999."
     if "enum" in s:
         return dict(s)
     s, t = dict(s), s.get("type")
@@ -636,7 +636,7 @@ def _strip(s):
 
 
 def bounded_schema(schema: dict, max_tokens: int) -> dict | None:
-    "A copy of `schema` every valid answer of which fits in `max_tokens` tokens (strings and arrays as long as that allows); None if none fits."
+    "A copy of `schema` whose every valid answer fits in `max_tokens` tokens (strings, arrays as long as fit), or None."
     best = None
     for items in (8, 6, 4, 3, 2, 1, 0):
         for chars in (64, 48, 32, 24, 16, 12, 8, 4, 1, 0):
@@ -705,7 +705,7 @@ def stability_rounds(
     temperature: float = 0.7,
     model: str | None = None,
 ) -> list[dict]:
-    "Send every task free and constrained (with its schema bounded to its token budget), `rounds` times; rates per round and mode."
+    "Send every task free and constrained (schema bounded to its budget), `rounds` times; rates per round and mode."
     budget = lambda t: min(max_tokens, t.get("max_tokens", max_tokens))
     fit = [dict(t, max_tokens=budget(t), grammar=bounded_schema(t["schema"], budget(t))) for t in tasks]
     kept = [t for t in fit if t["grammar"] is not None]
@@ -940,7 +940,7 @@ def verify_all(
 
 
 def deployment_plan(run: Run) -> list[dict]:
-    "What the pipeline deploys: the own base model with the own LoRA adapter (every preset), and merged SmolLM2 (not on smoke)."
+    "What the pipeline deploys: the own base model with its LoRA adapter (every preset), merged SmolLM2 (not on smoke)."
     plan = []
     if (run / "hf" / "own_base" / "config.json").exists():
         ad = run / "hf" / "own_lora_adapter"
@@ -957,13 +957,13 @@ def deployment_plan(run: Run) -> list[dict]:
 
 
 def own_reference(run: Run) -> Callable[[list[int], int], list[int]]:
-    "Own `generate` (greedy, fp32, KV cache) on the exported own base model: the reference of the parity chain's last link."
+    "Own `generate` (greedy, fp32, KV cache) on the exported own base model: the parity chain's last reference."
     own = load_own(run, "own_base")
     return lambda ids, n: generate(own, [list(ids)], n)[0].ids
 
 
 def held_out_tasks(run: Run) -> list[dict]:
-    "The evaluation's held-out structured prompts (without their answers), each with the token budget the own context leaves."
+    "The evaluation's held-out prompts (without their answers), each with the token budget the own context leaves."
     tok, ctx, out = load_tokenizer(run / "tokenizer"), run.preset.model.max_position_embeddings, []
     for e in eval_examples(run):
         prompt = e["messages"][:-1]

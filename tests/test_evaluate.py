@@ -168,4 +168,36 @@ def test_own_and_hf_backends_agree(tmp_path):
 def test_judgement_when_nothing_parses():
     exs = [ex(i) for i in range(2)]
     board = {m: _result(m, ["no", "no"], exs)["overall"] for m in ("smol_base", "own_sft")}
-    assert judgement(board).startswith("No model is ready to deploy")
+    assert judgement(board).startswith("No model is fit to deploy")
+
+
+def test_judgement_recommends_no_model_that_scores_nothing():
+    # the smoke leaderboard's case: answers that parse, with not one field right, must not be "deployed"
+    exs = [ex(i) for i in range(4)]
+    wrong = '{"speaker":"X","first_word":"Y","line_count":9}'
+    board = {"smol_base": _result("smol_base", ["no"] * 4, exs)["overall"],
+             "smol_lora": _result("smol_lora", [wrong] + ["no"] * 3, exs)["overall"]}
+    assert board["smol_lora"]["parse"] == 0.25 and board["smol_lora"]["f1"] == 0
+    text = judgement(board)
+    assert text.startswith("No model is fit to deploy") and "Deploy **" not in text
+    assert "smol_lora F1 0.0%, exact 0.0%, parse 25.0%" in text and "4 held-out prompts" in text
+    one_right = '{"speaker":"HAMLET","first_word":"Y","line_count":9}'                  # one field of three right
+    board["smol_lora"] = _result("smol_lora", [one_right] + ["no"] * 3, exs)["overall"]
+    assert judgement(board).startswith("Deploy **smol_lora**")
+
+
+def test_constrained_own_backend_keeps_each_prompts_schema(tmp_path):
+    "`schemas` pair with prompts by position, through the length sorting of the batches; a count mismatch is an error."
+    from microlm.model import MicroLM
+    from microlm.tokenizer import save_tokenizer, to_hf, train_bpe
+    text = 'ROMEO. {"a": 1, "b": [true, false]} "yes" "no" 0123456789 ' * 50
+    with pytest.warns(UserWarning): tok_dir = save_tokenizer(to_hf(train_bpe(text, 400)), tmp_path/"tok")
+    torch.manual_seed(0)
+    m = MicroLM(replace(SMOKE.model, vocab_size=400)).eval()
+    schemas = [{"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["yes", "no"]}]
+    convs = [[{"role": "user", "content": "Answer." * k}] for k in (3, 1, 2)]   # sorted by length: 1, 2, 0
+    answers = own_backend(m, tok_dir, max_new_tokens=8, batch_size=2, schemas=schemas)(convs)
+    values = [json.loads(a) for a in answers]
+    assert type(values[0]) is bool and type(values[1]) is int and values[2] in ("yes", "no"), answers
+    with pytest.raises(ValueError, match="2 schemas for 3 prompts"):
+        own_backend(m, tok_dir, max_new_tokens=8, schemas=schemas[:2])(convs)

@@ -1,4 +1,5 @@
 "Invariants of microlm.generate: KV cache == no cache, batched == one by one, == transformers, seeds, stops, bad input."
+import re
 from dataclasses import replace
 
 import pytest
@@ -189,3 +190,117 @@ def test_bad_prompts(model):
     with pytest.raises(ValueError, match="outside"): generate(model, [[1, 5000]], 4)
     with pytest.raises(ValueError, match="context"): generate(model, list(range(64)), 4)
     with pytest.raises(ValueError, match="temperature"): SamplingParams(temperature=-1)
+
+
+# --- constrained decoding (xgrammar) ---------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from microlm.generate import Constraint, default_stop_ids  # noqa: E402
+from microlm.tasks import SCHEMAS, schema_errors  # noqa: E402
+from microlm.verify import bounded_schema  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok_model(tok):
+    return lively(MicroLM(replace(SMOKE.model, vocab_size=len(tok))), seed=2)
+
+
+def test_constrained_random_model_always_valid(tok, tok_model):
+    "Every task schema (bounded to the token budget) and a hand-made one: every answer parses and validates."
+    schemas = [bounded_schema(s, 70) for s in SCHEMAS.values()] + [
+        {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": -5, "maximum": 5},
+         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}, "required": ["ok", "n", "tags"],
+         "additionalProperties": False}]
+    prompts = [tok.encode(t) for t in ("To be", "whether 'tis nobler", "héllo wörld", "the question")]
+    for s in schemas:
+        for kw in (dict(), dict(temperature=1.0, seed=3)):
+            for g in generate(tok_model, prompts, 80, tokenizer=tok, schema=s, **kw):
+                assert g.finish_reason == "stop" and schema_errors(json.loads(g.text), s) == [], (s, g.text)
+
+
+def test_constrained_rows_have_their_own_grammars(tok, tok_model):
+    prompts = [tok.encode(t) for t in ("To be", "whether", "héllo")]
+    out = generate(tok_model, prompts, 30, tokenizer=tok, choices=[["yes", "no"], ["Hamlet", "Ophelia"], None])
+    assert out[0].text in ("yes", "no") and out[1].text in ("Hamlet", "Ophelia")
+    assert out[2].text == generate(tok_model, prompts[2], 30, tokenizer=tok, stop_token_ids=default_stop_ids(tok))[0].text
+    batched = generate(tok_model, prompts, 30, tokenizer=tok, regex=r"[0-9]{3}-[a-z]{2,4}")
+    assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", g.text) for g in batched)
+    assert [g.ids for g in batched] == [generate(tok_model, p, 30, tokenizer=tok, regex=r"[0-9]{3}-[a-z]{2,4}")[0].ids
+                                        for p in prompts]  # a batch answers each prompt as alone
+    quoted = generate(tok_model, prompts, 30, tokenizer=tok, choices=['say "hi"', "a\\b", "two\nlines"])
+    assert all(g.text in ('say "hi"', "a\\b", "two\nlines") for g in quoted)
+
+
+class StopHappy(torch.nn.Module):
+    "A model that always wants to stop: its stop token's logit is raised far above the rest."
+
+    def __init__(self, m, stop):
+        super().__init__()
+        self.m, self.cfg, self.stop = m, m.cfg, stop
+
+    def new_cache(self, *a): return self.m.new_cache(*a)
+
+    def forward(self, ids, **kw):
+        out = self.m(ids, **kw)
+        out.logits[..., self.stop] += 100.0
+        return out
+
+
+def test_stop_token_only_when_complete(tok, tok_model):
+    stop = default_stop_ids(tok)
+    eager = StopHappy(tok_model, stop)
+    assert generate(eager, tok.encode("To be"), 20, stop_token_ids=stop)[0].ids == []  # free: stops at once
+    s = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+         "required": ["a", "b"], "additionalProperties": False}
+    g = generate(eager, tok.encode("To be"), 40, tokenizer=tok, schema=s)[0]
+    assert g.finish_reason == "stop" and schema_errors(json.loads(g.text), s) == []  # the stop waits for the '}'
+
+
+def test_constrained_bad_input(tok, tok_model):
+    p = tok.encode("To be")
+    bad = [(dict(schema={"type": "no-such-type"}), "not a valid JSON schema"), (dict(schema="{not json"), "not valid JSON"),
+           (dict(schema=[1, 2]), "one per prompt"), (dict(regex="(unclosed"), "xgrammar cannot compile"),
+           (dict(choices=[]), "non-empty"), (dict(schema={"type": "string"}, regex="a"), "one of schema, regex or choices"),
+           (dict(schema=["not a schema"]), "prompt 0")]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg): generate(tok_model, [p], 8, tokenizer=tok, **kw)
+    with pytest.raises(ValueError, match="tokenizer"): generate(tok_model, [p], 8, schema={"type": "string"})
+    with pytest.raises(ValueError, match="stop token"): Constraint(tok, len(tok), [("regex", "a")], [])
+
+
+# --- the draft hook --------------------------------------------------------------------------------------------------
+
+from microlm.generate import Decoding, accepted_drafts  # noqa: E402
+
+
+class Replay:
+    "A proposer that knows (part of) the answer; `noise` replaces every other guess with a wrong token."
+
+    def __init__(self, answer, k=3, noise=False):
+        self.answer, self.k, self.noise = torch.tensor(answer), k, noise
+
+    def start(self, model, ids, mask, tokenizer): self.T = ids.size(1)
+
+    def propose(self, ids, mask):
+        d = self.answer[:, ids.size(1) - self.T:][:, :self.k].clone()
+        if self.noise: d[:, 1::2] = (d[:, 1::2] + 1) % 1000
+        return d
+
+
+def test_accepted_drafts():
+    picks, drafts = torch.tensor([[1, 2, 3, 9], [1, 5, 3, 4]]), torch.tensor([[1, 2, 3], [1, 2, 3]])
+    assert accepted_drafts(picks, drafts) == 1  # rows advance together: the second agrees on one
+    assert accepted_drafts(picks, drafts, done=[False, True]) == 3  # a finished row holds nobody back
+    assert accepted_drafts(picks, drafts, done=[True, True]) == 0
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_draft_hook_is_lossless(model, noise):
+    want = ids_of(generate(model, PROMPTS, 20))
+    hf = HFCausalLM(hf_twin(model))  # a transformers cache is cropped, a KVCache rewound
+    for m in (model, hf):
+        run = Decoding(m, PROMPTS, 20, draft=Replay(want, noise=noise))
+        for _ in run.steps(): pass
+        assert ids_of(run.results) == want
+        assert (run.stats["accepted"] == run.stats["drafted"]) != noise and run.stats["forwards"] < 20

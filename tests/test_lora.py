@@ -71,3 +71,18 @@ def test_bad_adapters(tmp_path):
     with pytest.raises(ValueError, match="DoRA"): read_adapter_config(tmp_path/"ad")
     with pytest.raises(ValueError, match="rank"): LoRALinear(torch.nn.Linear(4, 4), r=0, alpha=1)
     with pytest.raises(ValueError, match="already"): apply_lora(m, SMOKE.lora)
+
+def test_compare_with_sft_needs_the_same_pretrained_model(tmp_path):
+    "LoRA is compared with SFT only when SFT's record names the pretrained model LoRA starts from (not one before a restart)."
+    from microlm.config import Run, atomic_write
+    from microlm.lora import compare_with_sft
+    from microlm.stages import marker_path
+    run = Run(tmp_path, "smoke")
+    atomic_write(marker_path(run, "pretrain"), {"outputs_digest": "new"})
+    atomic_write(tmp_path / "sft" / "log.jsonl", '{"step": 0, "val_loss": 7.0}\n{"step": 20, "val_loss": 6.0}\n')
+    lora = [{"step": 0, "val_loss": 7.0}, {"step": 20, "val_loss": 6.5}]
+    assert compare_with_sft(run, lora) == {}  # no SFT record
+    atomic_write(marker_path(run, "sft"), {"upstream": {"pretrain": "old"}})
+    assert compare_with_sft(run, lora) == {}  # SFT of another pretrained model
+    atomic_write(marker_path(run, "sft"), {"upstream": {"pretrain": "new"}})
+    assert compare_with_sft(run, lora) == dict(sft_val_drop_same_steps=1.0, sft_step=20, lora_vs_sft=0.5)

@@ -50,8 +50,9 @@ def main(argv=None):
     if not torch.cuda.is_available(): sys.exit("gpu_bench: no CUDA device")
     from transformers import LlamaConfig, LlamaForCausalLM
     from microlm.config import BASE, SMALL, SMOKE, seed_everything
+    from microlm.fastpath import FastMicroLM
     from microlm.model import MicroLM, to_hf_config
-    from microlm.train import train_flops_per_token
+    from microlm.speedrun import train_flops_per_token
     peak = matmul_peak()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
            "bf16_matmul_peak_tflops": round(peak / 1e12, 1), "rows": []}
@@ -69,7 +70,7 @@ def main(argv=None):
 
     for p, bs in ((SMOKE, 8), (SMALL, 16), (BASE, 32)):
         T = p.pretrain.seq_len
-        seed_everything(0); ours = MicroLM(p.model).cuda()
+        seed_everything(0); ours = FastMicroLM(p.model).cuda()
         seed_everything(0); hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(p.model), attn_implementation="sdpa")).cuda()
         models = {"ours": (ours, ours), "hf": (hf, hf)}
         if not a.no_compile: models.update({"ours_compiled": (ours, torch.compile(ours)), "hf_compiled": (hf, torch.compile(hf))})
@@ -91,10 +92,10 @@ def main(argv=None):
     cfg = replace(SMALL.pretrain, max_steps=60, ckpt_every=30, eval_every=30, eval_batches=2, warmup_steps=5)
     toks = np.random.default_rng(1).integers(0, SMALL.model.vocab_size, 500_000).astype(np.uint16)
     out = Path(tempfile.mkdtemp())
-    seed_everything(0); m = MicroLM(SMALL.model)
+    seed_everything(0); m = FastMicroLM(SMALL.model)
     meta = {"config_hash": "gpu_bench", "model_config": None}        # the same for both calls, so the second resumes
     s1 = train(m, TokenWindows(toks, cfg.batch_size, cfg.seq_len), replace(cfg, max_steps=30), out, meta=meta, progress=False)
-    seed_everything(0); m2 = MicroLM(SMALL.model)
+    seed_everything(0); m2 = FastMicroLM(SMALL.model)
     s2 = train(m2, TokenWindows(toks, cfg.batch_size, cfg.seq_len), cfg, out, meta=meta, progress=False)
     res["train_on_cuda"] = {"first_steps": s1["steps"], "resumed_to": s2["steps"], "loss": s2["loss"], "tok_s": s2["tok_s"]}
     print("train() on CUDA:", res["train_on_cuda"], flush=True)

@@ -1,0 +1,249 @@
+"""Invariants of microlm.inference: fast path == eager, speculative == plain greedy (both drafts), constrained decoding
+on real models and against vLLM, the draft stage, bad input."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from microlm.config import SMALL, SMOKE, Run
+from microlm.generate import Decoding, chat_prompt, default_stop_ids, generate
+from microlm.inference import (DraftModel, FastLM, PromptLookup, draft_stage, load_draft, lookup_continuation,
+                               structured_prompts, time_decode)
+from microlm.model import MicroLM, load_model
+from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, session_pids
+from microlm.stages import ensure
+from microlm.tasks import SCHEMAS, schema_errors, split_tasks
+from microlm.tokenizer import load_tokenizer, to_hf, train_bpe
+from microlm.verify import bounded_schema
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33, 34]]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention
+    yield
+    torch.set_num_threads(n)
+
+
+def lively(model, std=0.3, seed=0):
+    "Random weights with a large spread: greedy output varies, so a wrong token shows."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2: p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def ids_of(gens): return [g.ids for g in gens]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lively(MicroLM(replace(SMOKE.model, max_position_embeddings=96)))
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return lively(MicroLM(replace(SMOKE.model, max_position_embeddings=96, num_hidden_layers=1)), seed=5)
+
+
+@pytest.fixture(scope="module")
+def run(smoke_run):
+    "The session's smoke run, with its draft model trained too (10 steps: a few seconds)."
+    ensure(smoke_run, "draft", log=lambda line: None)
+    return smoke_run
+
+
+# --- the fast path -------------------------------------------------------------------------------------------------
+
+def test_fast_equals_eager(model):
+    fast = FastLM(model)
+    want = ids_of(generate(model, PROMPTS, 60))
+    assert all(len(set(w)) > 10 for w in want)  # varied output: equality below means something
+    assert ids_of(generate(fast, PROMPTS, 60)) == want  # batched, left padding
+    assert [generate(fast, p, 60)[0].ids for p in PROMPTS] == want  # batch 1
+    assert ids_of(generate(fast, PROMPTS, 20, use_cache=False)) == [w[:20] for w in want]
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.allclose(fast(x).logits, model(x).logits, atol=1e-4, rtol=1e-5)
+
+
+def test_fast_equals_eager_small_architecture():
+    m = lively(MicroLM(SMALL.model), std=0.05, seed=1)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, SMALL.model.vocab_size, (4, 16), generator=g).tolist()
+    want = ids_of(generate(m, prompts, 48))
+    assert len(set(want[0])) > 10
+    assert ids_of(generate(FastLM(m), prompts, 48)) == want
+    assert generate(FastLM(m), prompts[1], 48)[0].ids == want[1]
+
+
+def test_fast_path_fills_the_context(model):
+    fast, long = FastLM(model), list(range(4, 80))
+    out = generate(fast, long, 100)[0]
+    assert out.ids == generate(model, long, 100)[0].ids and len(out.ids) == 96 - len(long)
+
+
+def test_fast_path_bad_input(model):
+    with pytest.raises(ValueError, match="fp32"): FastLM(MicroLM(SMOKE.model).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="context"): generate(FastLM(model), list(range(3, 100)), 4)
+    with pytest.raises(ValueError, match="exceed"): FastLM(model)(torch.zeros(1, 97, dtype=torch.long))
+
+
+# --- speculative decoding --------------------------------------------------------------------------------------------
+
+def test_lookup_continuation():
+    seq = np.array([7, 1, 2, 3, 9, 9, 4, 1, 2, 3])
+    assert lookup_continuation(seq, 2).tolist() == [9, 9]
+    assert lookup_continuation(seq, 8, ngram=1).tolist() == [9, 9, 4, 1, 2, 3]  # "3" alone: what followed it
+    assert lookup_continuation(np.array([1, 2, 3]), 4).tolist() == []
+    assert lookup_continuation(np.array([5]), 4).tolist() == []
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
+@pytest.mark.parametrize("kind", ["lookup", "draft", "self"])
+def test_speculative_equals_greedy(model, draft, fast, kind):
+    target = FastLM(model) if fast else model
+    proposer = {"lookup": PromptLookup(k=5, ngram=2), "draft": DraftModel(FastLM(draft) if fast else draft, k=3),
+                "self": DraftModel(model, k=4)}[kind]
+    want = ids_of(generate(model, PROMPTS, 40))
+    run = Decoding(target, PROMPTS, 40, draft=proposer)
+    for _ in run.steps(): pass
+    assert ids_of(run.results) == want
+    assert [generate(target, p, 40, draft=proposer)[0].ids for p in PROMPTS] == want
+    if kind == "self":  # the target drafting for itself: every proposal is accepted, far fewer passes
+        assert run.stats["accepted"] == run.stats["drafted"] > 0 and run.stats["forwards"] < 15
+
+
+def test_speculative_accepts_on_repeats():
+    quiet = MicroLM(SMOKE.model).eval()  # default init: greedy falls into loops that lookup predicts
+    loop = [11, 12, 13, 14] * 5
+    run = Decoding(quiet, loop, 40, draft=PromptLookup(k=6))
+    for _ in run.steps(): pass
+    assert run.results[0].ids == generate(quiet, loop, 40)[0].ids
+    assert run.stats["accepted"] > 10 and run.stats["forwards"] < 40
+
+
+def test_speculative_with_penalty_stops_and_no_cache(model, draft):
+    for kw in (dict(repetition_penalty=1.3), dict(stop_token_ids=[generate(model, PROMPTS[0], 20)[0].ids[9]]),
+               dict(use_cache=False)):
+        want = ids_of(generate(model, PROMPTS, 24, **kw))
+        for d in (PromptLookup(k=4, ngram=1), DraftModel(draft, k=3)):
+            assert ids_of(generate(model, PROMPTS, 24, draft=d, **kw)) == want, kw
+
+
+def test_bad_drafts(model, draft):
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(model, PROMPTS, 4, draft=DraftModel(MicroLM(replace(SMOKE.model, vocab_size=512))))
+    short = MicroLM(replace(SMOKE.model, max_position_embeddings=8))
+    with pytest.raises(ValueError, match="draft model's context"): generate(model, PROMPTS, 4, draft=DraftModel(short))
+    with pytest.raises(ValueError, match="context"): generate(model, list(range(3, 99)), 4, draft=PromptLookup())
+    with pytest.raises(ValueError, match="greedily"): generate(model, PROMPTS, 4, draft=PromptLookup(), temperature=0.7)
+    with pytest.raises(ValueError, match="k >= 1"): PromptLookup(k=0)
+    with pytest.raises(ValueError, match="k >= 1"): DraftModel(draft, k=0)
+    text = "To be, or not to be, that is the question. " * 5
+    a, b = to_hf(train_bpe(text, vocab_size=300)), to_hf(train_bpe(text + "xyzzy plugh " * 9, vocab_size=300))
+    m = lively(MicroLM(replace(SMOKE.model, vocab_size=len(a))))
+    with pytest.raises(ValueError, match="tokenizer is not the target's"):
+        generate(m, a.encode("To be"), 4, tokenizer=a, draft=DraftModel(m, tokenizer=b))
+    assert generate(m, a.encode("To be"), 4, tokenizer=a, draft=DraftModel(m, tokenizer=a))[0].ids  # same: fine
+
+
+# --- constrained decoding on the fast path and with drafts -----------------------------------------------------------
+
+def test_constrained_fast_and_speculative(model):
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 5
+    tok = to_hf(train_bpe(text + '{"answer": "yes", "count": 3}', vocab_size=300))
+    m = lively(MicroLM(replace(SMOKE.model, vocab_size=len(tok))), seed=2)
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0,
+              "maximum": 99}, "who": {"type": "string", "pattern": "^[a-z ]{0,6}$"}}, "required": ["answer", "n", "who"],
+              "additionalProperties": False}
+    prompts = [tok.encode(t) for t in ("To be", "whether 'tis", "nobler in the mind to")]
+    want = generate(m, prompts, 80, tokenizer=tok, schema=schema)
+    assert all(schema_errors(json.loads(g.text), schema) == [] and g.finish_reason == "stop" for g in want)
+    for target in (m, FastLM(m)):
+        for d in (None, PromptLookup(k=4, ngram=2), DraftModel(m, k=3)):
+            got = generate(target, prompts, 80, tokenizer=tok, schema=schema, draft=d)
+            assert ids_of(got) == ids_of(want), (type(target).__name__, type(d).__name__)
+
+
+# --- real models: the smoke run's SFT and draft ----------------------------------------------------------------------
+
+def test_draft_stage(run):
+    d = load_draft(run, k=3)
+    assert d.model.cfg == run.preset.draft and (run / "draft" / "log.jsonl").exists()
+    bad = Run(run.root, replace(run.preset, draft=replace(run.preset.draft, vocab_size=512)))
+    with pytest.raises(ValueError, match="vocab_size"): draft_stage(bad, log=lambda line: None)
+
+
+def test_speculative_on_the_sft_model(run):
+    sft = load_model(run / "sft").eval()
+    prompts, stops = structured_prompts(run, 3), default_stop_ids(load_tokenizer(run / "tokenizer"))
+    want = [generate(sft, [p], 40, stop_token_ids=stops)[0].ids for p in prompts]
+    for target in (sft, FastLM(sft)):
+        for d in (PromptLookup(k=6), load_draft(run, k=4, fast=target is not sft)):
+            assert [generate(target, [p], 40, stop_token_ids=stops, draft=d)[0].ids for p in prompts] == want
+    r = time_decode(FastLM(sft), prompts[:1], 16, reps=1, draft=PromptLookup(), stop_token_ids=stops)
+    assert r["ids"] == [want[0][:16]] and r["decode_tok_s"] > 0
+
+
+def task_examples(run, n, room, kinds=tuple(SCHEMAS)):
+    "Up to `n` train-play task prompts of each kind that leave `room` tokens for the answer (the smoke context is short)."
+    tok, ctx = load_tokenizer(run / "tokenizer"), run.preset.model.max_position_embeddings
+    by_kind = {k: [] for k in kinds}
+    for e in split_tasks(run, "train")[0]:
+        if e["kind"] in by_kind and len(by_kind[e["kind"]]) < n and len(chat_prompt(tok, e["messages"][:-1])) + room <= ctx:
+            by_kind[e["kind"]].append(e)
+    return [e for k in kinds for e in by_kind[k]]
+
+
+def test_constrained_sft_model_always_valid(run):
+    "Task schemas bounded to the budget, and hand-made ones: every answer of the smoke SFT model parses and validates."
+    tok, sft = load_tokenizer(run / "tokenizer"), load_model(run / "sft").eval()
+    ex = task_examples(run, 2, 50, kinds=("format", "to_json"))  # the kinds whose bounded answers fit the context
+    assert {e["kind"] for e in ex} == {"format", "to_json"}
+    scene = {"type": "object", "properties": {"speaker": {"type": "string", "pattern": "^[A-Z][a-z]{0,5}$"},
+             "act": {"type": "integer", "minimum": 1, "maximum": 5}, "exits": {"type": "array", "items": {"enum":
+             ["Hamlet", "Horatio"]}, "maxItems": 1}}, "required": ["speaker", "act", "exits"], "additionalProperties": False}
+    verdict = {"enum": ["comedy", "tragedy", "history"]}
+    schemas = [bounded_schema(e["schema"], 48) for e in ex] + [scene, verdict]
+    prompts = [chat_prompt(tok, e["messages"][:-1]) for e in ex] + [chat_prompt(tok, ex[0]["messages"][:-1])] * 2
+    for target in (sft, FastLM(sft)):
+        out = generate(target, prompts, 50, tokenizer=tok, schema=schemas, stop_token_ids=default_stop_ids(tok))
+        for g, s in zip(out, schemas):
+            assert g.finish_reason == "stop" and schema_errors(json.loads(g.text), s) == [], (s, g.text)
+    for g, e in zip(out, ex):
+        assert schema_errors(json.loads(g.text), e["schema"]) == []  # valid for the task's own schema too
+
+
+@pytest.fixture(scope="module")
+def vllm_sft(run):
+    "vLLM serving the smoke SFT model in fp32 with xgrammar and compact JSON (the deployment's options)."
+    srv = VLLMServer(run / "hf" / "own_sft", extra_args=COMPACT_JSON_ARGS, startup_timeout=900)
+    with srv: yield srv
+    assert session_pids(srv.last_pid) == []
+
+
+def test_constrained_tokens_equal_vllm(run, vllm_sft):
+    "At temperature 0 in fp32 the own engine's constrained tokens are vLLM's response_format tokens."
+    tok, sft = load_tokenizer(run / "tokenizer"), load_model(run / "sft").eval()
+    stops, client = set(default_stop_ids(tok)), vllm_sft.client()
+    cases = task_examples(run, 2, 32)  # every kind, two prompts each
+    assert len(cases) == 2 * len(SCHEMAS)
+    for e in cases:
+        msgs = e["messages"][:-1]
+        r = client.chat.completions.create(
+            model=vllm_sft.served_name, messages=msgs, max_tokens=32, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": e["kind"], "schema": e["schema"]}},
+            extra_body={"return_token_ids": True})
+        got = [t for t in r.choices[0].token_ids if t not in stops]
+        assert r.prompt_token_ids == chat_prompt(tok, msgs)  # the same prompt, token for token
+        ours = generate(sft, [chat_prompt(tok, msgs)], 32, tokenizer=tok, schema=e["schema"], stop_token_ids=sorted(stops))[0]
+        assert ours.ids == got, (e["kind"], ours.text, r.choices[0].message.content)
+        fast = generate(FastLM(sft), [chat_prompt(tok, msgs)], 32, tokenizer=tok, schema=e["schema"],
+                        stop_token_ids=sorted(stops), draft=PromptLookup())[0]
+        assert fast.ids == got

@@ -1,0 +1,170 @@
+"RL (GRPO): the reward on hand-made answers, a reward of the wrong type, advantages, the clipped loss, exact resume after SIGKILL."
+import json, math, os, shutil, signal, subprocess, sys, textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from microlm.config import SMOKE, ModelConfig, RLConfig, Run
+from microlm.dpo import task_reward
+from microlm.model import MicroLM
+from microlm.rl import Rollouts, check_reward, group_advantages, grpo_loss, grpo_loss_fn, rl_stage
+from microlm.tasks import SCHEMAS
+from microlm.tokenizer import to_hf, train_bpe
+from microlm.train import list_checkpoints, read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and does not fight other processes for the cores
+
+
+def task(kind, gold, prompt="..."):
+    return dict(id=f"play-0001-{kind}", kind=kind, gold=gold, schema=SCHEMAS[kind],
+                messages=[dict(role="user", content=prompt), dict(role="assistant", content=json.dumps(gold))])
+
+
+EXTRACT = task("extract", {"act": 1, "scene": 1, "speakers": ["Ber", "Fran"], "enter": ["Bernardo"], "exit": []})
+REPAIR = task("repair", {"speaker": "Ber", "act": 1, "scene": 1, "words": 2})
+
+
+@pytest.mark.parametrize("example,answer,want", [
+    (REPAIR, '{"speaker":"Ber","act":1,"scene":1,"words":2}', 1.5),                 # exact and valid: F1 1 + bonus
+    (REPAIR, ' ```json\n{"words":2,"scene":1,"act":1,"speaker":"Ber"}\n``` ', 1.5),  # fenced, other key order
+    (REPAIR, '{"speaker":"Ber","act":1,"scene":1,"words":"2"}', 0.75),              # 3/4 fields; invalid: no bonus
+    (REPAIR, '{"speaker":"Ber","act":1,"scene":1,"words":2,"note":"x"}', 2 * 4 / 9),  # an extra key: 4/5 vs 4/4
+    (REPAIR, '{"speaker":"Ber","act":1}', 2 * 2 / 6),                              # half the fields
+    (REPAIR, "Ber says two words in act 1, scene 1.", 0.0),                        # no JSON
+    (EXTRACT, '{"act":1,"scene":1,"speakers":["Ber","Fran"],"enter":["Bernardo"],"exit":[]}', 1.5),
+    (EXTRACT, '{"act":1,"scene":1,"speakers":["Fran","Ber"],"enter":["Bernardo"],"exit":[]}', 2 * 4 / 12),  # order
+    (EXTRACT, '{"act":1,"scene":1,"speakers":["Ber"],"enter":[],"exit":[]}', 2 * 4 / 11),
+])
+def test_reward_on_hand_made_answers(example, answer, want):
+    "Field F1 (2·tp / (predicted + gold leaves)) plus 0.5 for a valid, exact answer; list order counts, key order not."
+    assert check_reward(task_reward(answer, example)) == pytest.approx(want)
+    assert task_reward(answer, example, exact_bonus=0.0) == pytest.approx(min(want, 1.0))
+
+
+@pytest.mark.parametrize("value,error,match", [
+    (True, TypeError, "got bool"), ({"f1": 1.0}, TypeError, "got dict"), (None, TypeError, "got NoneType"),
+    ("1.0", TypeError, "got str"), (torch.tensor(1.0), TypeError, r"\.item\(\)"),
+    (float("nan"), ValueError, "finite"), (float("inf"), ValueError, "finite"),
+])
+def test_reward_of_the_wrong_type(value, error, match):
+    with pytest.raises(error, match=match):
+        check_reward(value, "reward_fn on play-0001-repair")
+    assert check_reward(1) == 1.0 and type(check_reward(1)) is float
+
+
+TINY = ModelConfig(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                   intermediate_size=128, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def tok(play):
+    return to_hf(train_bpe(play * 20 + '{"speaker":"Ber","act":1}', vocab_size=TINY.vocab_size))
+
+
+def test_rollouts_check_the_reward(tok):
+    "A reward function that returns a bool stops the run with an error naming the prompt, before any training."
+    torch.manual_seed(0)
+    m = MicroLM(TINY)
+    bad = Rollouts(m, m, tok, [REPAIR], RLConfig(group_size=2, max_new_tokens=4), 1, reward_fn=lambda t, e: t == "")
+    with pytest.raises(TypeError, match="reward_fn on play-0001-repair: a reward must be an int or float, got bool"):
+        bad()
+
+
+def test_rollouts_reuse_and_state(tok):
+    "updates=2: each batch serves two calls, with the sampling policy's log-probs; a restored state samples the same."
+    torch.manual_seed(0)
+    m, ref = MicroLM(TINY), MicroLM(TINY)
+    cfg = RLConfig(group_size=3, max_new_tokens=6, updates=2)
+    ro = Rollouts(m, ref, tok, [REPAIR, EXTRACT], cfg, 2, seed=1)
+    a, b, c, d = ro(), ro(), ro(), ro()
+    assert a is b and c is d and c is not a and set(a[1]) == {"labels", "advantages", "ref_logps", "old_logps"}
+    assert a[0].shape[0] == 6 and a[1]["advantages"].shape == (6,)
+    st = ro.state_dict()
+    e = ro()
+    ro2 = Rollouts(m, ref, tok, [REPAIR, EXTRACT], cfg, 2, seed=99)
+    ro2.load_state_dict(st)
+    e2 = ro2()
+    assert e is not c and torch.equal(e[0], e2[0]) and all(torch.equal(e[1][k], e2[1][k]) for k in e[1])
+    stats = {}
+    loss = grpo_loss_fn(cfg, stats)(m, *a)       # the policy that sampled: ratio 1, nothing clipped
+    assert math.isfinite(loss.item()) and stats["clipped"] == 0.0 and stats["kl"] > 0   # ref is another model
+
+
+def test_group_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.3, 0.3, 0.3, 0.3]])
+    a = group_advantages(r)
+    assert a.sum(-1).abs().max() < 1e-6 and a[1].abs().max() == 0
+    assert a[0].tolist() == pytest.approx(((r[0] - 0.5) / (r[0].std() + 1e-4)).tolist())
+    assert group_advantages(r, scale=False)[0].tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])
+
+
+def test_grpo_loss_gradient():
+    "At ratio 1 the gradient of the loss is -A / (answer tokens) per token: the plain policy gradient, token-averaged."
+    torch.manual_seed(0)
+    lp = torch.randn(3, 5).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]]).float()
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    loss, st = grpo_loss(lp, lp.detach(), lp.detach(), adv, mask)
+    loss.backward()
+    assert torch.allclose(lp.grad, -adv[:, None] * mask / mask.sum()) and st["kl"] == 0 and st["clipped"] == 0
+    # past the clip the gradient vanishes; the KL penalty pulls towards the reference
+    lp2 = (lp.detach() + 1.0).requires_grad_()
+    loss2, st2 = grpo_loss(lp2, lp.detach(), lp.detach(), adv.abs(), mask, clip_eps=0.2, kl_coef=0.1)
+    loss2.backward()
+    kl_grad = 0.1 * (1 - torch.exp(-torch.ones(3, 5))) * mask / mask.sum()   # d/dlogp of e^(ref-lp) - (ref-lp) - 1
+    assert torch.allclose(lp2.grad, kl_grad, atol=1e-6) and st2["clipped"] == 1.0 and st2["kl"] > 0
+
+
+RESUME = textwrap.dedent("""
+    import os, signal, sys, torch
+    torch.set_num_threads(1)
+    from microlm.config import Run
+    from microlm.rl import rl_stage
+    run, kill_at = Run(sys.argv[1]), int(sys.argv[2])
+    def on_step(step, rec):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)     # a real, uncatchable kill mid-run
+    s = rl_stage(run, progress=False, on_step=on_step)
+    print("done", s["steps"])
+""")
+
+
+def _copy_run(src: Run, dst: Path) -> Path:
+    "A run folder with what RL needs: config, tokenizer, data, the SFT model and the records of the stages before."
+    (dst / ".stages").mkdir(parents=True)
+    for p in ("config.json", "data", "tokenizer", "tokens", "pretrain", "sft"):
+        (shutil.copytree if (src.root / p).is_dir() else shutil.copy2)(src.root / p, dst / p)
+    for s in ("data", "tokenizer", "pretrain", "sft"):
+        shutil.copy2(src.root / ".stages" / f"{s}.json", dst / ".stages" / f"{s}.json")
+    return dst
+
+
+def test_rl_exact_resume_after_sigkill(smoke_run, tmp_path):
+    "Kill the RL stage with SIGKILL after its step-2 checkpoint; the resumed run ends bit-identical to an uninterrupted one."
+    assert SMOKE.rl_train.ckpt_every == 2 and SMOKE.rl_train.max_steps == 6 and SMOKE.rl_train.keep_ckpts == 1
+    script = tmp_path / "rl.py"
+    script.write_text(RESUME)
+    go = lambda run, kill: subprocess.run([sys.executable, str(script), str(run), str(kill)], env=ENV,
+                                          capture_output=True, text=True)
+    a, b = _copy_run(smoke_run, tmp_path / "a"), _copy_run(smoke_run, tmp_path / "b")
+    assert rl_stage(Run(a), progress=False, log=lambda line: None)["steps"] == 6   # uninterrupted, in this process
+    killed = go(b, 3)                                                  # after the step-2 checkpoint, before step 4's
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
+    assert [p.name for p in list_checkpoints(b / "rl" / "ckpt")] == ["step_000002"]
+    assert not (b / "rl" / "model.safetensors").exists()
+    resumed = go(b, -1)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "step 2" in resumed.stdout, \
+        resumed.stdout + resumed.stderr[-3000:]
+    wa, wb = load_file(str(a / "rl" / "model.safetensors")), load_file(str(b / "rl" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)       # bit-identical weights
+    keys = ("step", "loss", "reward", "kl", "length", "heldout_f1", "heldout_exact")
+    la, lb = ([{k: r[k] for k in keys if k in r} for r in read_log(x / "rl" / "log.jsonl")] for x in (a, b))
+    assert sorted(la, key=lambda r: (r["step"], sorted(r))) == sorted(lb, key=lambda r: (r["step"], sorted(r)))
+    assert [r["step"] for r in la if "reward" in r] == list(range(1, 7))               # no step twice, none missing
+    assert [r["step"] for r in la if "heldout_f1" in r] == [0, 3, 6]
+    assert (b / "rl" / "rl.png").stat().st_size > 1000
+    assert json.loads((b / ".stages" / "rl.json").read_text())["summary"]["steps"] == 6

@@ -25,8 +25,9 @@ from .train import read_log, train
 # %% auto #0
 __all__ = ['DPO_PANELS', 'answer_f1', 'task_reward', 'task_prompts', 'sample_answers', 'sft_tasks', 'heldout_examples',
            'score_model', 'preference_pairs', 'token_logps', 'dpo_loss', 'dpo_batch_loss', 'trl_dpo_loss', 'Targets',
-           'encode_pair', 'pair_batch', 'PairBatches', 'reference_logps', 'append_log', 'heldout_record', 'watcher',
-           'plot_metrics', 'cached', 'require', 'check_context', 'make_pairs', 'dpo_stage', 'stage_results']
+           'encode_pair', 'pair_batch', 'PairBatches', 'reference_logps', 'append_log', 'heldout_record',
+           'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'require', 'check_context', 'make_pairs', 'dpo_stage',
+           'stage_results']
 
 # %% ../nbs/11_dpo.ipynb #ef324b72
 def answer_f1(score: dict) -> float:
@@ -290,6 +291,20 @@ def heldout_record(step: int, scores: dict) -> dict:
     return {"step": step, **{f"heldout_{k}": round(scores[k], 4) for k in ("f1", "exact", "parse", "schema_valid")}}
 
 
+def finish_tuning(
+    model, tok, heldout: list[dict], max_new_tokens: int, out: Path, steps: int, panels: dict, plot: Path, title: str
+) -> tuple[list[dict], list[dict]]:
+    "End of a tuning stage (DPO, RL): save the model, plot its log, score the last step if not yet; (log, held-out)."
+    save_model(model, out)
+    log = read_log(out / "log.jsonl")
+    plot_metrics(log, panels, plot, title)
+    ev = [r for r in log if "heldout_f1" in r]
+    if ev[-1]["step"] != steps:  # resumed after the last step's checkpoint, before its held-out scores
+        ev.append(heldout_record(steps, score_model(model, tok, heldout, max_new_tokens)))
+        append_log(out / "log.jsonl", ev[-1])
+    return log, ev
+
+
 def watcher(
     out: Path,
     model,
@@ -456,13 +471,10 @@ def dpo_stage(
         desc="dpo",
         on_mismatch="restart",
     )
-    save_model(model, out)
-    log = read_log(out / "log.jsonl")
-    plot_metrics(log, DPO_PANELS, out / "dpo.png", f"dpo: {run.root.name}")
-    end = [r for r in log if "heldout_f1" in r][-1]
-    if end["step"] != s["steps"]:  # resumed after the last step's checkpoint, before its held-out scores
-        end = heldout_record(s["steps"], score_model(model, tok, heldout, cfg.max_new_tokens))
-        append_log(out / "log.jsonl", end)
+    _, ev = finish_tuning(
+        model, tok, heldout, cfg.max_new_tokens, out, s["steps"], DPO_PANELS, out / "dpo.png", f"dpo: {run.root.name}"
+    )
+    end = ev[-1]
     return dict(
         steps=s["steps"],
         loss=s["loss"],

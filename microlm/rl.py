@@ -13,11 +13,10 @@ import torch
 from .config import RLConfig, Run, amp_dtype, autocast, seed_everything
 from microlm.dpo import (
     Targets,
-    append_log,
     cached,
     check_context,
+    finish_tuning,
     heldout_examples,
-    heldout_record,
     plot_metrics,
     require,
     sample_answers,
@@ -29,7 +28,7 @@ from microlm.dpo import (
     watcher,
 )
 from .generate import model_device
-from .model import load_model, save_model
+from .model import load_model
 from .sft import collate, next_token_xy
 from .stages import get_stage, stage_body, stage_key
 from .tokenizer import load_tokenizer
@@ -248,13 +247,8 @@ def rl_stage(
         desc="rl",
         on_mismatch="restart",
     )
-    save_model(model, out)
-    log = read_log(out / "log.jsonl")
-    plot_metrics(log, RL_PANELS, out / "rl.png", f"rl from {start}: {run.root.name}")
-    ev = [r for r in log if "heldout_f1" in r]
-    if ev[-1]["step"] != s["steps"]:  # resumed after the last step's checkpoint, before its held-out scores
-        ev.append(heldout_record(s["steps"], score_model(model, tok, heldout, cfg.max_new_tokens)))
-        append_log(out / "log.jsonl", ev[-1])
+    title = f"rl from {start}: {run.root.name}"
+    log, ev = finish_tuning(model, tok, heldout, cfg.max_new_tokens, out, s["steps"], RL_PANELS, out / "rl.png", title)
     rw, n = [r["reward"] for r in log if "reward" in r], max(1, min(5, s["steps"] // 4))
     return dict(
         start=start,

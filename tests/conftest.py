@@ -63,3 +63,13 @@ def smoke_run(tmp_path_factory):
     run = Run(tmp_path_factory.mktemp("smoke_run") / "run", "smoke")
     ensure(run, "export", log=lambda line: None)
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    "Torch on one thread for a module (test_gguf, test_quant: llama.cpp runs beside it), restored after."
+    import torch  # here: conftest stays light for the tests that never touch torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

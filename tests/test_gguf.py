@@ -56,12 +56,7 @@ CONVS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # llama.cpp and torch beside each other
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from microlm.evaluate import eval_examples, lm_metrics, own_backend
 from microlm.export import gguf_path, llama_greedy, load_gguf, load_own
@@ -20,12 +19,7 @@ from microlm.tokenizer import load_tokens
 from microlm.train import split_bytes_per_token, token_meta
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # llama.cpp and torch beside each other
 
 
 def test_f32_bits_per_byte_equal_the_own_model_and_q8_0_is_close(smoke_run):

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from .config import Run, amp_dtype, atomic_path, atomic_write, autocast, seed_everything
 from .generate import Generation, chat_prompt, default_stop_ids, generate, model_device
 from .model import load_model, save_model
-from .sft import collate, encode_chat, next_token_xy
+from .sft import SFTBatches, collate, encode_chat, next_token_xy
 from .stages import stage_body, stage_key
 from .tasks import aggregate, score_answer
 from .tokenizer import load_tokenizer
@@ -246,25 +246,18 @@ def pair_batch(encoded: list[dict], pad_id: int, ref_logps: torch.Tensor | None 
     return x, Targets(labels=labels, ref_logps=ref)
 
 
-class PairBatches:
-    "Random batches of encoded pairs (with their reference log-probs) as (x, y), resumable through `state_dict`."
+class PairBatches(SFTBatches):
+    "Random batches of encoded pairs (with their reference log-probs) as (x, y); resumable as `SFTBatches` is."
 
     def __init__(self, encoded: list[dict], batch_size: int, pad_id: int, seed: int = 0):
         if not encoded:
             raise ValueError("PairBatches: the preference set is empty: no pair to train on")
-        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
-        self.gen = torch.Generator().manual_seed(seed)
+        super().__init__(encoded, batch_size, pad_id, seed)
 
     def __call__(self) -> tuple[torch.Tensor, Targets]:
         sel = [self.encoded[i] for i in torch.randint(len(self.encoded), (self.batch_size,), generator=self.gen)]
         ref = torch.tensor([p["ref_chosen"] for p in sel] + [p["ref_rejected"] for p in sel])
         return pair_batch(sel, self.pad_id, ref)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state()}
-
-    def load_state_dict(self, d: dict):
-        self.gen.set_state(d["generator"])
 
 # %% ../nbs/11_dpo.ipynb #58b66813
 @torch.no_grad()

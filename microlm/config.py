@@ -16,8 +16,8 @@ import torch
 __all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTIMIZERS', 'SCHEDULES', 'SHUFFLES', 'DPO_LOSSES', 'DPO_CHOSEN', 'DPO_REFERENCES', 'SMALL',
            'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainConfig', 'SFTDataConfig',
            'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig', 'RLConfig', 'Preset',
-           'get_preset', 'stable_hash', 'atomic_write', 'atomic_path', 'atomic_dir', 'Run', 'pick_device',
-           'cpu_has_bf16', 'amp_dtype', 'autocast', 'seed_everything', 'machine', 'save_results']
+           'get_preset', 'stable_hash', 'atomic_write', 'atomic_path', 'atomic_dir', 'save_figure', 'Run',
+           'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast', 'seed_everything', 'machine', 'save_results']
 
 # %% ../nbs/00_config.ipynb #39b8e4ad
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ class TrainConfig:
     momentum_warmup: int = 0  # steps over which Muon's momentum rises from 0.85 to `muon_momentum`
     shuffle: str = "random"  # training windows: 'random' offsets, or 'epoch' (every window once per pass)
     fit_minutes: float = 0.0  # fit the schedule to this much wall time (0: run `max_steps`); 06_train
+    dropout: float = 0.0  # residual dropout in the own model's layers while training (05_model)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -133,6 +134,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {k} must be one of {ok}, got {getattr(self, k)!r}")
         if not 0 <= self.decay_frac <= 1:
             raise ValueError(f"TrainConfig: decay_frac must be in [0, 1], got {self.decay_frac}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"TrainConfig: dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -279,8 +282,10 @@ class Preset:
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
-    # `small`: 2.9M tokens, 8-10 minutes on two CPU cores
-    pretrain: TrainConfig = TrainConfig(max_steps=700, eval_batches=10, optimizer="muon")
+    # `small`: the speedrun's recipe (06a_speedrun), fitted to ten minutes; max_steps only caps fast machines
+    pretrain: TrainConfig = TrainConfig(
+        max_steps=3000, eval_batches=10, optimizer="muon", weight_decay=0.5, shuffle="epoch", fit_minutes=10.0
+    )
     # the draft model of speculative decoding (13_inference): the run's tokenizer and context, a fraction of the cost
     draft: ModelConfig = ModelConfig(
         hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=352
@@ -594,6 +599,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100, **kw) -> Path:
+    "Write a matplotlib figure to `path` as PNG atomically: a reader never sees half an image."
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, **kw)
+    return Path(path)
 
 # %% ../nbs/00_config.ipynb #20e1661b
 class Run:

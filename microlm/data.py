@@ -12,7 +12,7 @@ import numpy as np
 from datasets import Dataset
 from matplotlib.figure import Figure
 
-from .config import DataConfig, Run, atomic_dir
+from .config import DataConfig, Run, atomic_dir, save_figure
 from .stages import sha256_file, stage_body
 
 # %% auto #0
@@ -508,7 +508,7 @@ def _write_data(folder: Path, splits: dict[str, Dataset], stats: dict) -> list[d
         (folder / f"{s}.txt").write_text(EOT.join(splits[s]["text"]), encoding="utf-8")
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    plot_data(manifest).savefig(folder / "lengths.png", dpi=100)
+    save_figure(plot_data(manifest), folder / "lengths.png")
     return manifest
 
 

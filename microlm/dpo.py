@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from .config import Run, amp_dtype, atomic_path, atomic_write, autocast, seed_everything
+from .config import Run, amp_dtype, atomic_write, autocast, save_figure, seed_everything
 from .generate import Generation, chat_prompt, default_stop_ids, generate, model_device
 from .model import load_model, save_model
 from .sft import SFTBatches, collate, encode_chat, next_token_xy
@@ -342,8 +342,7 @@ def plot_metrics(log: list[dict], panels: dict, path: Path | None = None, title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path is not None:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        save_figure(fig, path)
     return fig
 
 # %% ../nbs/11_dpo.ipynb #400751c0

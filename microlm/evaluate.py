@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import Run, atomic_write
+from .config import Run, atomic_write, save_figure
 from .export import OWN_MODELS, OWN_TUNED, load_own
 from .generate import context_length, default_stop_ids, generate
 from .inference import fast_model
@@ -287,7 +287,7 @@ def plot_leaderboard(board: dict, per_kind: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=8, ncol=min(4, len(models)))
     ax.set_title("structured output on held-out plays")
     fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=110)
+    save_figure(fig, out / "metrics.png", dpi=110)
     paths.append(out / "metrics.png")
     plt.close(fig)
     M = np.array([[per_kind[m][k].get("f1", 0.0) for k in KINDS] for m in models])
@@ -300,7 +300,7 @@ def plot_leaderboard(board: dict, per_kind: dict, out: Path) -> list[Path]:
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
     ax.set_title("field F1 per task kind")
     fig.tight_layout()
-    fig.savefig(out / "per_kind.png", dpi=110)
+    save_figure(fig, out / "per_kind.png", dpi=110)
     paths.append(out / "per_kind.png")
     plt.close(fig)
     return paths

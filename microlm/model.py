@@ -18,8 +18,8 @@ from .config import ModelConfig, atomic_path, atomic_write
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'CONFIG', 'rms_norm', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope', 'MLP',
-           'Attention', 'positions_and_mask', 'DecoderLayer', 'init_weights', 'ModelOutput', 'lm_loss', 'MicroLM',
-           'KVCache', 'count_params', 'to_hf_config', 'save_model', 'read_model_config', 'check_state_dict',
+           'Attention', 'positions_and_mask', 'DecoderLayer', 'set_dropout', 'init_weights', 'ModelOutput', 'lm_loss',
+           'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'save_model', 'read_model_config', 'check_state_dict',
            'load_model']
 
 # %% ../nbs/05_model.ipynb #65958319
@@ -135,19 +135,33 @@ def positions_and_mask(
 
 # %% ../nbs/05_model.ipynb #b916649a
 class DecoderLayer(nn.Module):
-    "x + attn(norm(x)), then x + mlp(norm(x))."
+    "x + attn(norm(x)), then x + mlp(norm(x)); in training, each sub-layer's output dropped out at rate `dropout`."
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0, norm=RMSNorm, rope=apply_rope):
         super().__init__()
         self.self_attn, self.mlp = Attention(cfg, layer_idx, rope), MLP(cfg)
         self.input_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.dropout = 0.0  # a training setting (`set_dropout`), not part of the architecture or its export
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        return x + self._drop(self.mlp(self.post_attention_layernorm(x)))
+
+    def _drop(self, y: Tensor) -> Tensor:
+        return F.dropout(y, self.dropout, training=True) if self.training and self.dropout else y
+
+
+def set_dropout(model: nn.Module, p: float) -> nn.Module:
+    "Residual dropout at rate `p` in every `DecoderLayer` of `model` (active in training mode only)."
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    for m in model.modules():
+        if isinstance(m, DecoderLayer):
+            m.dropout = p
+    return model
 
 # %% ../nbs/05_model.ipynb #a5e04535
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:

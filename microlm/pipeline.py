@@ -44,7 +44,7 @@ def _fmt(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _pct(x) -> str:
+def _percent(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 # %% ../nbs/20_pipeline.ipynb #45a0511a
@@ -54,7 +54,7 @@ def headline(run: Run) -> list[str]:
     pre, ev, ver = summ["pretrain"], summ["eval"], summ["verify"]
     rows = [("pretraining: validation bits per byte", _fmt(pre.get("val_bpb", "—")))]
     rows += [
-        (f"{m}: field F1 / exact match / parse", " / ".join(_pct(ev[m].get(k)) for k in ("f1", "exact", "parse")))
+        (f"{m}: field F1 / exact match / parse", " / ".join(_percent(ev[m].get(k)) for k in ("f1", "exact", "parse")))
         for m, v in ev.items()
         if isinstance(v, dict) and "f1" in v
     ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .config import Run, atomic_write
+from .config import Run, atomic_write, save_figure
 from .evaluate import Backend, eval_examples, evaluate_structured, lm_metrics
 from .export import GGUF_EXPORT, gguf_context, gguf_path, llama_chat, load_gguf, load_own, LlamaCppLM
 from .stages import stage_body
@@ -70,7 +70,8 @@ def _timed_generate(llm, prompt: list[int], n: int) -> tuple[float, float]:
     k, t0 = 0, time.perf_counter()
     for _ in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
         k += 1
-        t1 = t1 if k > 1 else time.perf_counter()
+        if k == 1:
+            t1 = time.perf_counter()  # the first token is out
         if k == n:
             break
     return t1 - t0, time.perf_counter() - t1
@@ -252,7 +253,7 @@ def quant_quality(
         model=name, prompts=len(examples), max_new_tokens=new, threads=1, types=rows, seconds=round(time.time() - t0, 1)
     )
     atomic_write(Path(out) / "quality.json", res)
-    plot_quality(res).savefig(Path(out) / "quality.png", dpi=110)
+    save_figure(plot_quality(res), Path(out) / "quality.png", dpi=110)
     return res
 
 # %% ../nbs/17a_quant.ipynb #24e965c9

@@ -5,7 +5,7 @@
 # %% ../nbs/06a_speedrun.ipynb #44de4ccf
 from __future__ import annotations
 import argparse, json, os, shutil, statistics, time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -209,12 +209,19 @@ def read_record(path: str | Path) -> dict:
 
 
 def add_row(
-    path: str | Path, change: str, base: str | None, overrides: dict, trials: list[dict], minutes: float
+    path: str | Path,
+    change: str,
+    base: str | None,
+    overrides: dict,
+    trials: list[dict],
+    minutes: float,
+    recipe: dict | None = None,  # the resulting model and pretrain sections, in full
 ) -> dict:
     "Append (or replace) row `change` in the record at `path`, atomically."
     rec = read_record(path)
     rows = [r for r in rec["rows"] if r["change"] != change]
-    rows.append({"change": change, "base": base, "overrides": overrides, "minutes": minutes, "trials": trials})
+    row = {"change": change, "base": base, "overrides": overrides, "minutes": minutes, "trials": trials}
+    rows.append(row | ({"recipe": recipe} if recipe else {}))
     atomic_write(path, {**rec, "rows": rows})
     return rec
 
@@ -244,7 +251,8 @@ def record_table(rec: dict) -> list[dict]:
             if not shared:
                 raise ValueError(f"speedrun record: row {r['change']!r} shares no seed with its base {r['base']!r}")
             d = statistics.mean(bpb[s] - b[s] for s in shared)
-            row["delta"], row["kept"] = round(d, 4), d < 0 and -d > max(row["sd"], _sd([b[s] for s in shared]))
+            spread = max(row["sd"], _sd(list(b.values())))  # a one-seed screen: the base's own spread
+            row["delta"], row["kept"] = round(d, 4), d < 0 and -d > spread
         out.append(row)
     return out
 
@@ -261,13 +269,23 @@ def speedrun(
     log=print,
 ) -> dict:
     "Run `change` (overrides of the whole recipe) on every seed, fitted to `minutes`, and add its row to `record`."
+    p, b = apply_overrides(base.preset, overrides).pretrain, base.preset.pretrain
+    if (p.eval_batches * p.batch_size, p.seq_len) != (b.eval_batches * b.batch_size, b.seq_len):
+        raise ValueError(
+            f"speedrun {change!r}: eval_batches × batch_size = {p.eval_batches}×{p.batch_size} and seq_len "
+            f"{p.seq_len} must give the base's {b.eval_batches * b.batch_size} validation windows of {b.seq_len} "
+            f"tokens: every row is measured on the same text (set eval_batches to match)"
+        )
     ensure(base, "tokenizer", log=lambda line: None)
     work = Path(work or base.root.parent / "speedrun_trials")
     trials = []
     for seed in seeds:
         trials.append(speedrun_trial(base, work / f"{change}-{seed}", seed, overrides, minutes))
         log(f"{change} seed {seed}: val_bpb {trials[-1]['val_bpb']} in {trials[-1]['steps']} steps")
-    add_row(record, change, parent, overrides, trials, minutes)
+    p = apply_overrides(base.preset, overrides)
+    add_row(
+        record, change, parent, overrides, trials, minutes, {"model": asdict(p.model), "pretrain": asdict(p.pretrain)}
+    )
     return next(r for r in record_table(read_record(record)) if r["change"] == change)
 
 

@@ -25,15 +25,15 @@ from microlm.config import (
     Run,
     TrainConfig,
     amp_dtype,
-    atomic_path,
     atomic_write,
     autocast,
+    save_figure,
     atomic_dir,
     seed_everything,
     stable_hash,
 )
 from .fastpath import FastMicroLM
-from .model import MicroLM, save_model
+from .model import MicroLM, save_model, set_dropout
 from .stages import stage_body, stage_key
 from .tokenizer import load_tokens
 
@@ -432,8 +432,7 @@ def plot_log(log: list[dict] | str | Path, path: str | Path | None = None, title
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     if path is not None:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        save_figure(fig, path)
     return fig
 
 # %% ../nbs/06_train.ipynb #6921eba5
@@ -529,7 +528,7 @@ def train(
     meta = meta or {"config_hash": stable_hash(asdict(cfg)), "model_config": None}
     amp = amp_dtype(device, cfg.dtype)
     raw = model.to(device)
-    raw.train()
+    set_dropout(raw, cfg.dropout).train()  # dropout acts in the own model's layers only while training
     opt = make_optimizer(raw, cfg)
     step = tokens = 0
     max_steps, fitted = cfg.max_steps, False

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import openai
 from transformers import AutoTokenizer
 
-from .config import Run, ServeConfig, atomic_write
+from .config import Run, ServeConfig, atomic_write, save_figure
 from .evaluate import eval_examples
 from .tasks import parse_json
 from .export import hf_greedy, load_hf, load_own
@@ -244,7 +244,7 @@ def parity_check(
     }
 
 # %% ../nbs/19_verify.ipynb #d59809de
-def _pct(xs, q):
+def _percentile(xs, q):
     return round(float(np.percentile(xs, q)), 4) if len(xs) else None
 
 
@@ -299,12 +299,12 @@ async def _level(server, model, prompts, max_tokens, concurrency) -> dict:
         "output_tokens": sum(col("tokens")),
         "output_tok_s": round(sum(col("tokens")) / wall, 1),
         "req_s": round(len(ok) / wall, 2),
-        "ttft_p50": _pct(col("ttft"), 50),
-        "ttft_p95": _pct(col("ttft"), 95),
-        "itl_p50": _pct(col("itl"), 50),
-        "itl_p95": _pct(col("itl"), 95),
-        "latency_p50": _pct(col("latency"), 50),
-        "latency_p95": _pct(col("latency"), 95),
+        "ttft_p50": _percentile(col("ttft"), 50),
+        "ttft_p95": _percentile(col("ttft"), 95),
+        "itl_p50": _percentile(col("itl"), 50),
+        "itl_p95": _percentile(col("itl"), 95),
+        "latency_p50": _percentile(col("latency"), 50),
+        "latency_p95": _percentile(col("latency"), 95),
         "ttft_all": [round(x, 4) for x in col("ttft")],
         "error_samples": [r["error"] for r in rs if "error" in r][:3],
     }
@@ -446,8 +446,8 @@ def benchmark(
                     "requests": len(times),
                     "concurrency": 1,
                     "output_tok_s": round(toks / sum(times), 1),
-                    "latency_p50": _pct(times, 50),
-                    "latency_p95": _pct(times, 95),
+                    "latency_p50": _percentile(times, 50),
+                    "latency_p95": _percentile(times, 95),
                 }
             )
     res = {
@@ -461,7 +461,7 @@ def benchmark(
     if out_dir is not None:
         out_dir = Path(out_dir)
         atomic_write(out_dir / "bench.json", res)
-        plot_bench(res).savefig(out_dir / "bench.png", dpi=100, bbox_inches="tight")
+        save_figure(plot_bench(res), out_dir / "bench.png", bbox_inches="tight")
     return res
 
 
@@ -872,7 +872,7 @@ def stability(
     if out_dir is not None:
         out_dir = Path(out_dir)
         atomic_write(out_dir / "stability.json", res)
-        plot_stability(res).savefig(out_dir / "stability.png", dpi=100, bbox_inches="tight")
+        save_figure(plot_stability(res), out_dir / "stability.png", bbox_inches="tight")
     return res
 
 # %% ../nbs/19_verify.ipynb #4bab75fb

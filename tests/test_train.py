@@ -39,7 +39,7 @@ def tiny_train(out, cfg, model_cfg=TINY, **kw):
 
 CFG = TrainConfig(batch_size=4, seq_len=32, max_steps=12, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=6, eval_batches=2,
                   ckpt_every=4, keep_ckpts=3, dtype="fp32")
-MUON = replace(CFG, optimizer="muon")
+MUON = replace(CFG, optimizer="muon", dropout=0.1)  # with residual dropout: its masks must resume exactly too
 
 
 def test_schedule_shape():

@@ -194,13 +194,21 @@ class ServeConfig:
     pretrained_concurrency: tuple = (1, 4, 16)
     pretrained_rounds: int = 1
     pretrained_soak_requests: int = 100
+    # the decode benchmark of every engine on the run's models (verify/decode.json): batch sizes, tokens, prompts
+    decode_batches: tuple = (1, 8, 32)
+    decode_new_tokens: int = 128  # greedy tokens per sequence after a 16-token prompt
+    decode_prompts: int = 20  # structured prompts for the speculative rows (batch 1)
+    decode_repeats: int = 2
 
     def __post_init__(self):
         pos = lambda x: isinstance(x, int) and x > 0
-        for name in ("concurrency", "pretrained_concurrency"):
+        for name in ("concurrency", "pretrained_concurrency", "decode_batches"):
             c = getattr(self, name)
             if not (c and all(map(pos, c))):
                 raise ValueError(f"ServeConfig: {name} must be positive integers, got {c!r}")
+        for name in ("decode_new_tokens", "decode_prompts", "decode_repeats"):
+            if not pos(getattr(self, name)):
+                raise ValueError(f"ServeConfig: {name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("bench_shapes", "pretrained_bench_shapes"):
             shapes = getattr(self, name)
             if not (shapes and all(len(s) == 2 and all(map(pos, s)) for s in shapes)):
@@ -476,7 +484,15 @@ SMOKE = Preset(
     ),
     eval=EvalConfig(max_new_tokens=48, lm_batches=4),
     serve=ServeConfig(
-        concurrency=(1, 4, 16), bench_requests=8, bench_shapes=((32, 16),), soak_requests=500, stability_rounds=2
+        concurrency=(1, 4, 16),
+        bench_requests=8,
+        bench_shapes=((32, 16),),
+        soak_requests=500,
+        stability_rounds=2,
+        decode_batches=(1, 4),
+        decode_new_tokens=32,
+        decode_prompts=4,
+        decode_repeats=1,
     ),
 )
 BASE = Preset(

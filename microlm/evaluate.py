@@ -16,7 +16,7 @@ from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import Run, atomic_write, save_figure
-from .export import OWN_MODELS, OWN_TUNED, load_own
+from .export import OWN_MODELS, load_own
 from .generate import context_length, default_stop_ids, generate
 from .inference import fast_model
 from .model import load_model
@@ -26,9 +26,9 @@ from .tasks import KINDS, METRICS, aggregate, score_answer, split_tasks
 from .tokenizer import load_tokenizer, load_tokens
 
 # %% auto #0
-__all__ = ['Backend', 'LEADERBOARD', 'CONSTRAINED', 'eval_examples', 'own_backend', 'hf_backend', 'openai_backend',
-           'evaluate_structured', 'examples_table', 'lm_metrics', 'lm_report', 'judgement', 'plot_leaderboard',
-           'write_results', 'model_backend', 'evaluate_models', 'eval_stage']
+__all__ = ['Backend', 'CONSTRAINED', 'LEADERBOARD', 'eval_examples', 'own_backend', 'hf_backend', 'openai_backend',
+           'evaluate_structured', 'examples_table', 'lm_metrics', 'lm_report', 'best_own', 'judgement',
+           'plot_leaderboard', 'write_results', 'model_backend', 'evaluate_models', 'eval_stage']
 
 # %% ../nbs/17_evaluate.ipynb #179d6d5c
 def eval_examples(run: Run, n: int | None = None) -> list[dict]:
@@ -235,6 +235,15 @@ def lm_report(run: Run, models: dict, n_windows: int | None = None) -> dict:
     }
 
 # %% ../nbs/17_evaluate.ipynb #ceb7739c
+CONSTRAINED = "+schema"  # the suffix of a leaderboard entry decoded under its schemas (xgrammar)
+
+
+def best_own(board: dict) -> str | None:
+    "The leaderboard's best own model (unconstrained: weights, not a decoding; by F1, then exact, then parse)."
+    own = [m for m in board if m.startswith("own_") and not m.endswith(CONSTRAINED)]
+    return max(own, key=lambda m: (board[m]["f1"], board[m]["exact"], board[m]["parse"]), default=None)
+
+
 def judgement(board: dict) -> str:
     "A short written recommendation of which model to deploy, generated from the leaderboard numbers."
     ranked = sorted(board, key=lambda m: (board[m]["f1"], board[m]["exact"], board[m]["parse"]), reverse=True)
@@ -260,9 +269,7 @@ def judgement(board: dict) -> str:
             f"match "
             f"({sb['exact']:.1%} → {sl['exact']:.1%})."
         )
-    own = [m for m in board if m.startswith("own")]
-    if own:
-        o = max(own, key=lambda m: (board[m]["f1"], board[m]["exact"]))
+    if o := best_own(board):
         text += (
             f" The best own model, {o}, reaches F1 {board[o]['f1']:.1%} and parses {board[o]['parse']:.1%} of its "
             "answers; "
@@ -342,7 +349,6 @@ LEADERBOARD = (
     "own_sft+schema",  # the same weights, decoded under each task's JSON schema (xgrammar)
     "own_rl+schema",
 )
-CONSTRAINED = "+schema"
 
 
 def model_backend(
@@ -352,9 +358,9 @@ def model_backend(
     cfg = run.preset.eval
     new = max_new_tokens or cfg.max_new_tokens
     base, constrained = name.removesuffix(CONSTRAINED), name.endswith(CONSTRAINED)
-    if constrained and (base not in OWN_MODELS + tuple(OWN_TUNED) or examples is None):
+    if constrained and (base not in OWN_MODELS or examples is None):
         raise ValueError(f"{name}: '{CONSTRAINED}' needs an own model and the examples whose schemas constrain it")
-    if base in OWN_MODELS + tuple(OWN_TUNED):
+    if base in OWN_MODELS:
         schemas = [e["schema"] for e in examples] if constrained else None
         return own_backend(load_own(run, base), run / "tokenizer", new, cfg.batch_size, schemas)
     folder = run / "hf" / name

@@ -25,7 +25,7 @@ from .stages import stage_body
 from .tokenizer import STOP_TOKENS, load_tokenizer, load_tokens
 
 # %% auto #0
-__all__ = ['TOKENIZER_FILES', 'GGUF_TYPES', 'GGUF_EXPORT', 'OWN_MODELS', 'OWN_TUNED', 'check_exportable', 'copy_tokenizer_files',
+__all__ = ['TOKENIZER_FILES', 'GGUF_TYPES', 'GGUF_EXPORT', 'OWN_MODELS', 'check_exportable', 'copy_tokenizer_files',
            'hf_config_for', 'export_hf', 'load_hf', 'max_logit_diff', 'hf_greedy', 'gguf_tensor_names', 'permute_qk',
            'gguf_chat_template', 'gguf_tokenizer', 'gguf_tensor_type', 'check_gguf_type', 'export_gguf', 'load_gguf',
            'gguf_context', 'gguf_stop_ids', 'llama_greedy', 'LlamaCppLM', 'first_difference', 'gguf_chat_prompt',
@@ -435,21 +435,17 @@ def llama_chat(
     return r["choices"][0]["message"]["content"] or ""
 
 # %% ../nbs/15_export.ipynb #fd1a0ee7
-OWN_MODELS = ("own_base", "own_sft", "own_lora")
-OWN_TUNED = {"own_dpo": "dpo", "own_rl": "rl"}  # the models of the stages after SFT: evaluated, not exported
+# every own model, exported: the name each has in `hf/`, `gguf/` and the leaderboard, and the stage that trains it
+OWN_MODELS = {"own_base": "pretrain", "own_sft": "sft", "own_lora": "lora", "own_dpo": "dpo", "own_rl": "rl"}
 
 
 def load_own(run: Run, name: str) -> MicroLM:
-    "The own model `name` of `run`: own_base, own_sft, own_lora (base + own LoRA adapter merged), own_dpo, own_rl."
-    if name == "own_base":
-        return load_model(run / "pretrain").eval()
-    if name == "own_sft":
-        return load_model(run / "sft").eval()
+    "The own model `name` of `run` (one of `OWN_MODELS`); own_lora is the base with the own LoRA adapter merged."
+    if name not in OWN_MODELS:
+        raise ValueError(f"unknown own model {name!r}; choose one of {list(OWN_MODELS)}")
     if name == "own_lora":
         return merge_lora(load_adapter(load_model(run / "pretrain"), lora_adapter_dir(run))).eval()
-    if name in OWN_TUNED:
-        return load_model(run / OWN_TUNED[name]).eval()
-    raise ValueError(f"unknown own model {name!r}; choose one of {OWN_MODELS + tuple(OWN_TUNED)}")
+    return load_model(run / OWN_MODELS[name]).eval()
 
 
 def lora_adapter_dir(run: Run) -> Path:
@@ -511,8 +507,7 @@ def export_gguf_models(run: Run, models: dict, ids: torch.Tensor, types=GGUF_EXP
 def export_stage(run: Run, force: bool = False) -> dict:
     "Export the own models of `run` to `run/'hf'/<name>/` (+ the adapter to serve) and `run/'gguf'/`, checked."
     for p in (
-        run / "pretrain" / "model.safetensors",
-        run / "sft" / "model.safetensors",
+        *(run / d / "model.safetensors" for d in set(OWN_MODELS.values()) - {"lora"}),
         run / "tokenizer" / "tokenizer.json",
     ):
         if not p.exists():

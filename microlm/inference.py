@@ -306,6 +306,7 @@ def speculative_benchmark(
     k_lookup: int = 6,
     k_draft: int = 4,
     reps: int = 2,
+    eager: bool = True,  # also the eager engine, plain and speculative (False: the fast path's rows only)
 ) -> list[dict]:
     "Batch-1 greedy answers by the plain and speculative engines: decode tokens/s, acceptance, speed-up over `fast`."
     fast, stops = FastLM(target), default_stop_ids(tokenizer)
@@ -316,6 +317,7 @@ def speculative_benchmark(
             "eager + draft": (target, DraftModel(draft, k_draft)),
             "fast + draft": (fast, DraftModel(FastLM(draft), k_draft)),
         }
+    engines = {k: v for k, v in engines.items() if eager or not k.startswith("eager")}
     rows, ids = [], {}
     for name, (m, d) in engines.items():
         rs = [time_decode(m, [p], new, reps, draft=d, stop_token_ids=stops) for p in prompts]

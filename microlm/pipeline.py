@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_pipeline.ipynb #f3eb7989
 from __future__ import annotations
-import argparse, sys, time
+import argparse, json, sys, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,6 +106,11 @@ def write_report(run: Run) -> Path:
         if rows:
             lines += ["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows[:40]] + [""]
         lines += _figures(run, s)
+        decode = run / "verify" / "decode.json"
+        if s == "verify" and decode.exists():
+            from microlm.verify import decode_markdown  # here: only a report with a decode table needs verify's imports
+
+            lines += ["### Decode speed, every engine", "", *decode_markdown(json.loads(decode.read_text()))]
         judgement = run / "eval/judgement.md"
         if s == "eval" and judgement.exists():
             verdict = judgement.read_text().strip().removeprefix("# Judgement").strip()

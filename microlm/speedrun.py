@@ -21,8 +21,8 @@ from .train import TokenWindows, make_optimizer, pretrain_stage, read_log, train
 
 # %% auto #0
 __all__ = ['SEEDS', 'matmul_params', 'train_flops_per_token', 'matmul_peak', 'step_speeds', 'ours_and_hf', 'train_throughput',
-           'first_step_seconds', 'compiled_throughput', 'optimizer_costs', 'apply_overrides', 'trial_run',
-           'speedrun_trial', 'read_record', 'add_row', 'record_table', 'speedrun', 'main']
+           'first_step_seconds', 'compiled_throughput', 'optimizer_costs', 'step_profile', 'apply_overrides',
+           'trial_run', 'speedrun_trial', 'read_record', 'add_row', 'record_table', 'speedrun', 'main']
 
 # %% ../nbs/06a_speedrun.ipynb #f17c6adc
 def matmul_params(mcfg: ModelConfig) -> int:
@@ -151,6 +151,34 @@ def optimizer_costs(threads: int = 2, steps: int = 10) -> dict:
             for k in runs
         ]
     }
+
+# %% ../nbs/06a_speedrun.ipynb #48113197
+def step_profile(threads: int = 2, steps: int = 3, top: int = 15) -> dict:
+    "Where a `small` training step's time goes: each operator's own time per step (torch.profiler), largest first."
+    torch.set_num_threads(threads)
+    seed_everything(0)
+    cfg = replace(SMALL.pretrain, dtype="bf16")
+    model = FastMicroLM(SMALL.model)
+    opt = make_optimizer(model, cfg)
+    toks = np.random.default_rng(0).integers(0, SMALL.model.vocab_size, 300_000).astype(np.uint16)
+    src = TokenWindows(toks, cfg.batch_size, cfg.seq_len)
+    step = lambda: train_step(model, opt, [src()], cfg.grad_clip, torch.device("cpu"), torch.bfloat16)
+    step()  # warm-up: first-call allocations and kernel selection
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ev = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in ev)
+    rows = [
+        {
+            "op": e.key,
+            "calls_per_step": e.count // steps,
+            "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 2),
+            "share": round(e.self_cpu_time_total / total, 4),
+        }
+        for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:top]
+    ]
+    return {"threads": threads, "steps": steps, "step_ms": round(total / 1e3 / steps, 1), "rows": rows}
 
 # %% ../nbs/06a_speedrun.ipynb #2150e12d
 SEEDS = (1337, 1338, 1339)

@@ -119,16 +119,16 @@ STAGES = {
         ),
         Stage(
             "export",
-            ("sft", "lora"),
+            ("sft", "lora", "dpo", "rl"),
             (),
-            ("hf/own_base", "hf/own_sft", "hf/own_lora", "hf/own_lora_adapter", "gguf"),
+            ("hf/own_base", "hf/own_sft", "hf/own_lora", "hf/own_dpo", "hf/own_rl", "hf/own_lora_adapter", "gguf"),
             "microlm.export:export_stage",
             "Export to Hugging Face",
             "export the own models as Hugging Face Llama folders and GGUF files for llama.cpp",
         ),
         Stage(
             "eval",
-            ("export", "pretrained", "dpo", "rl"),
+            ("export", "pretrained"),
             ("eval",),
             ("eval",),
             "microlm.evaluate:eval_stage",
@@ -146,12 +146,12 @@ STAGES = {
         ),
         Stage(
             "verify",
-            ("eval",),
+            ("eval", "quant", "draft"),
             ("serve",),
             ("verify",),
             "microlm.verify:verify_stage",
             "Deployment on vLLM",
-            "serve on vLLM and run smoke, benchmark and stability checks",
+            "serve the best own model on vLLM: smoke, parity, load and stability; then every engine's decode speed",
         ),
     )
 }

@@ -563,6 +563,12 @@ def web_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key", default=os.environ.get("VLLM_API_KEY"), help="the model server's key (default: $VLLM_API_KEY)"
     )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        help="exported models to serve or run (default: the deployment's, the leaderboard's best own model first)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to serve the page on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port of the page (default: a free one, printed)")
     p.add_argument(
@@ -575,13 +581,11 @@ def web_parser() -> argparse.ArgumentParser:
     return p
 
 
-def start_deployment(run: Run, stack: contextlib.ExitStack, timeout: float, log=print) -> list[OpenAIBackend]:
-    "Start the run's vLLM deployment (as the verify stage deploys it), each server on a fresh key; its backends."
-    plan, cfg = deployment_plan(run), run.preset.serve
-    if not plan:
-        raise FileNotFoundError(
-            f"{run / 'hf' / 'own_base' / 'config.json'} not found: run `microlm export --run {run.root}` first"
-        )
+def start_deployment(
+    run: Run, stack: contextlib.ExitStack, timeout: float, log=print, models: Sequence[str] | None = None
+) -> list[OpenAIBackend]:
+    "Start `models` of `run` on vLLM (default: the verify stage's deployment), each on a fresh key; their backends."
+    plan, cfg = deployment_plan(run, models), run.preset.serve
     backends = []
     for p in plan:
         key, folder, log_path = (
@@ -610,12 +614,14 @@ def start_deployment(run: Run, stack: contextlib.ExitStack, timeout: float, log=
     return backends
 
 
-def local_models(run: Run) -> dict[str, Path]:
-    "The run's exported model folders (`hf/<name>/` with a config), for `--local`."
+def local_models(run: Run, names: Sequence[str] | None = None) -> dict[str, Path]:
+    "The run's exported model folders (`hf/<name>/` with a config), all or `names`, for `--local`."
     found = {p.parent.name: p.parent for p in sorted((run / "hf").glob("*/config.json"))}
     if not found:
         raise FileNotFoundError(f"{run / 'hf'}: no exported models; run `microlm export --run {run.root}` first")
-    return found
+    if missing := [n for n in names or () if n not in found]:
+        raise FileNotFoundError(f"{run / 'hf'}: no exported {missing}; it holds {sorted(found)}")
+    return {n: found[n] for n in names} if names else found
 
 # %% ../nbs/19a_web.ipynb #025f9a5f
 def _raise_interrupt(signum, frame):
@@ -641,11 +647,13 @@ def web_main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             run = Run(args.run)
             if args.url:
+                if args.models:
+                    raise ValueError("--models picks what to start; a server at --url serves what it serves")
                 backends = [OpenAIBackend(args.url, args.api_key, args.timeout)]
             elif args.local:
-                backends = [LocalBackend(local_models(run))]
+                backends = [LocalBackend(local_models(run, args.models))]
             else:
-                backends = start_deployment(run, stack, args.timeout)
+                backends = start_deployment(run, stack, args.timeout, models=args.models)
             web = stack.enter_context(
                 WebServer(make_app(backends, allow_remote=args.allow_remote), args.host, args.port, args.allow_remote)
             )

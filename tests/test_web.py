@@ -1,6 +1,7 @@
 """The chat page (19a_web) end to end: headless Chromium drives the real page, served by `microlm web --run`
-on the smoke run, against the real vLLM server it starts (own model + LoRA adapter). One vLLM server for the
-module; the tests that slow it down or break it (stop, servers that die, shutdown) come last, in file order.
+on the smoke run, against the real vLLM server it starts (`--models own_base own_lora`: the base with its LoRA
+adapter, so that the page has two models to switch between). One vLLM server for the module; the tests that
+slow it down or break it (stop, servers that die, shutdown) come last, in file order.
 
 Chromium is Debian's (`tools/setup.sh` installs it where apt is available; elsewhere set MICROLM_CHROMIUM),
 driven by Playwright's Python API. Screenshots go to nbs/results/web/, which 19a_web shows."""
@@ -84,8 +85,8 @@ class WebProcess:
 
 @pytest.fixture(scope="module")
 def web(smoke_run):
-    "`microlm web --run` on the smoke run: it starts the run's vLLM deployment and serves the page."
-    w = WebProcess("--run", str(smoke_run.root))
+    "`microlm web` on the smoke run's base model and LoRA adapter: it starts their vLLM server and serves the page."
+    w = WebProcess("--run", str(smoke_run.root), "--models", "own_base", "own_lora")
     yield w
     w.stop()
     for v in w.vllm.values():  # whatever a failed test left: never an orphan
@@ -400,6 +401,17 @@ def test_refuses_a_non_loopback_bind_unless_asked(vllm, capsys):
     with WebServer(make_app([OpenAIBackend(vllm["base_url"])], allow_remote=True), "0.0.0.0", allow_remote=True) as srv:
         assert srv.sock.getsockname()[0] == "0.0.0.0"
         assert httpx.get(srv.url + "/api/health", headers={"Host": "chat.example"}).json()["ok"] is True
+
+
+def test_models_are_checked_before_anything_starts(smoke_run, tmp_path, capsys):
+    "`--models` with `--url` is refused, and a name the run never exported is named in the error."
+    from microlm.web import local_models, web_main
+
+    assert web_main(["--run", str(tmp_path), "--url", "http://127.0.0.1:9/v1", "--models", "own_base"]) == 1
+    assert "--models picks what to start" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=r"no exported \['own_nope'\]"):
+        local_models(smoke_run, ["own_sft", "own_nope"])
+    assert list(local_models(smoke_run, ["own_sft"])) == ["own_sft"]
 
 
 def test_local_mode_without_vllm(browser, smoke_run):

@@ -16,7 +16,7 @@ from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import Run, atomic_write, save_figure
-from .export import OWN_MODELS, load_own
+from .export import OWN_MODELS, hf_greedy, load_own
 from .generate import context_length, default_stop_ids, generate
 from .inference import fast_model
 from .model import load_model
@@ -87,7 +87,7 @@ def hf_backend(
     batch_size: int = 8,
     dtype=torch.float32,  # 'auto': the dtype the folder's weights are stored in
 ) -> Backend:
-    "A Hugging Face model folder with `transformers`' own `generate`: greedy, batched with left padding."
+    "A Hugging Face model folder with `transformers`' own `generate` (`hf_greedy`): greedy, batched, left-padded."
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     gc = model.generation_config.eos_token_id
@@ -95,22 +95,10 @@ def hf_backend(
         {*(gc if isinstance(gc, list) else [gc]), tok.eos_token_id, tok.get_vocab().get("<|im_end|>")} - {None}
     )
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    ctx = model.config.max_position_embeddings
 
     def run_batch(ids):
-        T = max(map(len, ids))
-        x = torch.tensor([[pad] * (T - len(p)) + p for p in ids])
-        att = (torch.arange(T)[None] >= torch.tensor([T - len(p) for p in ids])[:, None]).long()
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=x,
-                attention_mask=att,
-                max_new_tokens=min(max_new_tokens, ctx - T),
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=pad,
-            )
-        return [tok.decode(g[T:], skip_special_tokens=True) for g in gen]
+        new = hf_greedy(model, ids, max_new_tokens, stops, pad, batch_size=len(ids))
+        return [tok.decode(g, skip_special_tokens=True) for g in new]
 
     def answer(convs):
         ids = [tok.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in convs]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, re, shutil, time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import gguf
 import numpy as np
@@ -120,19 +121,33 @@ def max_logit_diff(own: MicroLM, hf, ids: torch.Tensor) -> float:
     return (own(ids).logits - hf(ids).logits).abs().max().item()
 
 # %% ../nbs/15_export.ipynb #9c5e1616
-def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    "Greedy new tokens of a `transformers` model, one prompt at a time, without the stop token."
-    gc, out = model.generation_config, []
-    stops = set(gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id])
-    for p in prompts:
+def hf_greedy(
+    model,  # a `transformers` causal LM
+    prompts: list[list[int]],
+    max_new_tokens: int,  # at most this many per prompt (fewer where the context ends)
+    stop_ids: Sequence[int] | None = None,  # default: the model's generation config's end-of-sequence ids
+    pad_id: int | None = None,  # the left padding of a batch (default: the first stop id)
+    batch_size: int = 1,
+) -> list[list[int]]:
+    "Greedy new tokens of a `transformers` model, `batch_size` prompts at a time (left-padded), each cut at its stop."
+    gc = model.generation_config.eos_token_id
+    stops = sorted(set(stop_ids or (gc if isinstance(gc, list) else [gc])) - {None})
+    pad, ctx, out = stops[0] if pad_id is None else pad_id, model.config.max_position_embeddings, []
+    for i in range(0, len(prompts), batch_size):
+        ps = prompts[i : i + batch_size]
+        T = max(map(len, ps))
+        x = torch.tensor([[pad] * (T - len(p)) + list(p) for p in ps])
+        att = (torch.arange(T)[None] >= torch.tensor([T - len(p) for p in ps])[:, None]).long()
         with torch.no_grad():
             g = model.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=max_new_tokens,
+                input_ids=x,
+                attention_mask=att,
+                max_new_tokens=min(max_new_tokens, ctx - T),
                 do_sample=False,
-            )[0, len(p) :].tolist()
-        out.append(g[: next((i for i, t in enumerate(g) if t in stops), len(g))])
+                eos_token_id=stops,
+                pad_token_id=pad,
+            )[:, T:].tolist()
+        out += [r[: next((j for j, t in enumerate(r) if t in stops), len(r))] for r in g]
     return out
 
 # %% ../nbs/15_export.ipynb #c8008b41

@@ -20,9 +20,10 @@ from .stages import ensure
 from .train import TokenWindows, make_optimizer, pretrain_stage, read_log, train_step
 
 # %% auto #0
-__all__ = ['SEEDS', 'matmul_params', 'train_flops_per_token', 'matmul_peak', 'step_speeds', 'ours_and_hf', 'train_throughput',
-           'first_step_seconds', 'compiled_throughput', 'optimizer_costs', 'step_profile', 'apply_overrides',
-           'trial_run', 'speedrun_trial', 'read_record', 'add_row', 'record_table', 'speedrun', 'main']
+__all__ = ['SEEDS', 'matmul_params', 'train_flops_per_token', 'matmul_peak', 'random_windows', 'step_speeds', 'ours_and_hf',
+           'train_throughput', 'first_step_seconds', 'compiled_throughput', 'optimizer_costs', 'step_profile',
+           'apply_overrides', 'trial_run', 'speedrun_trial', 'read_record', 'add_row', 'record_table', 'speedrun',
+           'main']
 
 # %% ../nbs/06a_speedrun.ipynb #f17c6adc
 def matmul_params(mcfg: ModelConfig) -> int:
@@ -47,11 +48,16 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def random_windows(vocab_size: int, batch_size: int, seq_len: int) -> TokenWindows:
+    "Training windows of random tokens (seed 0): what a speed measurement feeds a step, whatever the text."
+    toks = np.random.default_rng(0).integers(0, vocab_size, 300_000).astype(np.uint16)
+    return TokenWindows(toks, batch_size, seq_len)
+
+
 def step_speeds(models: dict, mcfg: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int = 1) -> dict:
     "Median training tokens/s per model, the models alternating step by step on the same batches."
     cfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, dtype="bf16")
-    toks = np.random.default_rng(0).integers(0, mcfg.vocab_size, 300_000).astype(np.uint16)
-    src = TokenWindows(toks, batch_size, seq_len)
+    src = random_windows(mcfg.vocab_size, batch_size, seq_len)
     opts, times = {k: make_optimizer(m, cfg) for k, m in models.items()}, {k: [] for k in models}
     for i in range(warmup + steps):
         xy = src()
@@ -120,8 +126,7 @@ def compiled_throughput(threads: int = 2, steps: int = 10) -> dict:
 def optimizer_costs(threads: int = 2, steps: int = 10) -> dict:
     "Milliseconds per whole training step and per optimizer step alone, AdamW against Muon on `small` (alternating)."
     torch.set_num_threads(threads)
-    toks = np.random.default_rng(0).integers(0, SMALL.model.vocab_size, 300_000).astype(np.uint16)
-    src = TokenWindows(toks, 16, SMALL.pretrain.seq_len)
+    src = random_windows(SMALL.model.vocab_size, 16, SMALL.pretrain.seq_len)
     runs = {}
     for name in ("adamw", "muon"):
         seed_everything(0)
@@ -160,8 +165,7 @@ def step_profile(threads: int = 2, steps: int = 3, top: int = 15) -> dict:
     cfg = replace(SMALL.pretrain, dtype="bf16")
     model = FastMicroLM(SMALL.model)
     opt = make_optimizer(model, cfg)
-    toks = np.random.default_rng(0).integers(0, SMALL.model.vocab_size, 300_000).astype(np.uint16)
-    src = TokenWindows(toks, cfg.batch_size, cfg.seq_len)
+    src = random_windows(SMALL.model.vocab_size, cfg.batch_size, cfg.seq_len)
     step = lambda: train_step(model, opt, [src()], cfg.grad_clip, torch.device("cpu"), torch.bfloat16)
     step()  # warm-up: first-call allocations and kernel selection
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -297,7 +301,8 @@ def speedrun(
     log=print,
 ) -> dict:
     "Run `change` (overrides of the whole recipe) on every seed, fitted to `minutes`, and add its row to `record`."
-    p, b = apply_overrides(base.preset, overrides).pretrain, base.preset.pretrain
+    tried = apply_overrides(base.preset, overrides)
+    p, b = tried.pretrain, base.preset.pretrain
     if (p.eval_batches * p.batch_size, p.seq_len) != (b.eval_batches * b.batch_size, b.seq_len):
         raise ValueError(
             f"speedrun {change!r}: eval_batches × batch_size = {p.eval_batches}×{p.batch_size} and seq_len "
@@ -310,9 +315,14 @@ def speedrun(
     for seed in seeds:
         trials.append(speedrun_trial(base, work / f"{change}-{seed}", seed, overrides, minutes))
         log(f"{change} seed {seed}: val_bpb {trials[-1]['val_bpb']} in {trials[-1]['steps']} steps")
-    p = apply_overrides(base.preset, overrides)
     add_row(
-        record, change, parent, overrides, trials, minutes, {"model": asdict(p.model), "pretrain": asdict(p.pretrain)}
+        record,
+        change,
+        parent,
+        overrides,
+        trials,
+        minutes,
+        {"model": asdict(tried.model), "pretrain": asdict(tried.pretrain)},
     )
     return next(r for r in record_table(read_record(record)) if r["change"] == change)
 

@@ -5,7 +5,7 @@
 # %% ../nbs/00_config.ipynb #8f70aac7
 from __future__ import annotations
 import contextlib, hashlib, json, os, platform, random, shutil, tempfile, time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTIMIZERS', 'SCHEDULES', 'SHUFFLES', 'DPO_LOSSES', 'DPO_CHOSEN', 'DPO_REFERENCES', 'SMALL',
-           'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainConfig', 'SFTDataConfig',
-           'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig', 'RLConfig', 'Preset',
-           'get_preset', 'stable_hash', 'atomic_write', 'atomic_path', 'atomic_dir', 'save_figure', 'Run',
-           'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast', 'seed_everything', 'machine', 'save_results']
+__all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTION', 'OPTIMIZERS', 'SCHEDULES', 'SHUFFLES', 'DPO_LOSSES', 'DPO_CHOSEN', 'DPO_REFERENCES',
+           'SMALL', 'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainConfig',
+           'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig', 'RLConfig',
+           'Preset', 'get_preset', 'stable_hash', 'hashed_fields', 'atomic_write', 'atomic_path', 'atomic_dir',
+           'save_figure', 'Run', 'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast', 'seed_everything', 'machine',
+           'save_results']
 
 # %% ../nbs/00_config.ipynb #39b8e4ad
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class TokenizerConfig:
 
 # %% ../nbs/00_config.ipynb #32c7c9a3
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# field metadata of an option added after runs were made: at its default it is left out of the section's hash
+# (`hashed_fields`), so adding it does not make those runs stale; set, it counts like any field
+OPTION = {"hash": "when_set"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
+    # o_proj and down_proj start at zero: every block starts as the identity (modded-nanogpt); 06a_speedrun
+    zero_init_out: bool = field(default=False, metadata=OPTION)
 
     @property
     def head_dim(self) -> int:
@@ -551,6 +557,15 @@ def get_preset(name: str) -> Preset:
 def stable_hash(obj: Any, n: int = 12) -> str:
     "Short sha256 of the canonical JSON of `obj`."
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def hashed_fields(section) -> dict:
+    "A preset section as its hash sees it: every field, except an `OPTION` field left at its default."
+    d = asdict(section)
+    for f in fields(section):
+        if f.metadata.get("hash") == "when_set" and getattr(section, f.name) == f.default:
+            del d[f.name]
+    return d
 
 # %% ../nbs/00_config.ipynb #c839e47b
 _UMASK = os.umask(0)

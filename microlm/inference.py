@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_inference.ipynb #94a5966f
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, tempfile, time
+import argparse, json, os, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -25,10 +25,11 @@ from .speedrun import matmul_params
 from .train import pretrain_model
 
 # %% auto #0
-__all__ = ['PROJECTIONS', 'VLLM_DECODE', 'rope_pairs', 'FastLM', 'fast_forward', 'decode_step', 'fast_model',
-           'lookup_continuation', 'PromptLookup', 'DraftModel', 'draft_stage', 'load_draft', 'structured_prompts',
-           'speculative_benchmark', 'memory_bandwidth', 'weight_bytes', 'load_avg', 'time_decode', 'time_transformers',
-           'decode_benchmark', 'vllm_decode', 'inference_benchmark', 'main']
+__all__ = ['PROJECTIONS', 'STEP_TOKENS', 'STEP_SIZES', 'COMPILED_STEP', 'VLLM_DECODE', 'rope_pairs', 'swiglu', 'FastLM',
+           'fast_forward', 'decode_layers', 'step_size', 'decode_step', 'fast_model', 'lookup_continuation',
+           'PromptLookup', 'DraftModel', 'draft_stage', 'load_draft', 'structured_prompts', 'speculative_benchmark',
+           'memory_bandwidth', 'weight_bytes', 'load_avg', 'time_decode', 'time_transformers', 'decode_benchmark',
+           'vllm_decode', 'inference_benchmark', 'main']
 
 # %% ../nbs/13_inference.ipynb #5a6e9cf0
 def rope_pairs(head_dim: int) -> torch.Tensor:
@@ -39,10 +40,20 @@ def rope_pairs(head_dim: int) -> torch.Tensor:
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def swiglu(x: torch.Tensor, norm: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, eps: float) -> torch.Tensor:
+    "x + SwiGLU(rms_norm(x)), gate and up in one (in, 2·out) matmul; x is (N, C)."
+    g, u = torch.mm(F.rms_norm(x, (x.size(-1),), norm, eps), gate_up).chunk(2, 1)
+    return torch.addmm(x, F.silu(g).mul_(u), down)
+
+
 class FastLM(nn.Module):
     "`MicroLM` laid out for CPU decoding: fused, pre-transposed weights, RoPE as one complex multiply; the same tokens."
 
-    def __init__(self, model: MicroLM):
+    def __init__(
+        self,
+        model: MicroLM,
+        compile: bool = True,  # compile the cached step (`decode_layers`) with `torch.compile`; False: eager
+    ):
         super().__init__()
         cfg = self.cfg = model.cfg
         if model.lm_head.weight.dtype != torch.float32:
@@ -78,16 +89,17 @@ class FastLM(nn.Module):
             self.register_buffer("rot", torch.polar(torch.ones_like(angles), angles), persistent=False)  # e^{i·pos·θ}
             ctx = torch.arange(cfg.max_position_embeddings)
             self.register_buffer("positions", ctx, persistent=False)
-            self.register_buffer(
-                "upto", (ctx[None] <= ctx[:, None])[:, None, None, None], persistent=False
-            )  # (ctx, 1, 1, 1, ctx)
+            self.register_buffer("upto", ctx[None] <= ctx[:, None], persistent=False)  # (ctx, ctx) causal
         self.names = list(ws)
         self._collect()
+        self.compiled = compile  # False again if the compiler fails (decode_step falls back to eager)
+        self.step = COMPILED_STEP if compile else decode_layers
 
     def _collect(self):
-        "Each layer's weights as a list, read once per step instead of looked up by name."
+        "Each layer's weights as a list, read once per step instead of looked up by name; RoPE as (cos, sin) pairs."
         n = self.cfg.num_hidden_layers
         self.layers = [[getattr(self, f"l{i}_{k}") for k in self.names] for i in range(n)]
+        self.cos_sin = torch.view_as_real(self.rot)  # (ctx, hd/2, 2): the real arithmetic a compiler can fuse
 
     def _apply(self, fn, *args, **kw):  # `.to(...)` replaces the buffers: collect them again
         out = super()._apply(fn, *args, **kw)
@@ -104,12 +116,6 @@ class FastLM(nn.Module):
         dev, dt = device or self.head.device, dtype or self.head.dtype
         return KVCache(self.cfg, batch_size, self.cfg.max_position_embeddings, dev, dt)
 
-    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        "x + SwiGLU(norm(x)) of layer `i`, gate and up in one matmul; x is (N, C)."
-        n2, wgu, wd = self.layers[i][3:]
-        g, u = torch.mm(F.rms_norm(x, (self.cfg.hidden_size,), n2, self.cfg.rms_norm_eps), wgu).chunk(2, 1)
-        return torch.addmm(x, F.silu(g).mul_(u), wd)
-
 # %% ../nbs/13_inference.ipynb #2e1c2482
 def fast_forward(
     fm: FastLM, input_ids: torch.Tensor, attention_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0
@@ -122,8 +128,9 @@ def fast_forward(
         raise ValueError(f"{past + T} positions exceed max_position_embeddings={cfg.max_position_embeddings}")
     if cache is not None:
         attention_mask = cache.extend_mask(attention_mask, B, T)
-    if T == 1 and cache is not None:
-        return ModelOutput(decode_step(fm, input_ids, attention_mask, cache, past), None)
+    if cache is not None and T <= STEP_TOKENS:  # a new token, or a few drafts to check: the fixed-shape step
+        logits = decode_step(fm, input_ids, attention_mask, cache, past)
+        return ModelOutput(logits[:, -logits_to_keep:] if logits_to_keep else logits, None)
     pos, mask = positions_and_mask(attention_mask, T, past, input_ids.device)
     rot = fm.rot[pos][:, :, None]  # (B or 1, T, 1, hd/2)
     x = F.embedding(input_ids, fm.embed).view(B * T, C)
@@ -138,44 +145,96 @@ def fast_forward(
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and past == 0, enable_gqa=nkv != nh
         )
-        x = fm.mlp(i, torch.addmm(x, y.transpose(1, 2).reshape(B * T, nh * hd), wo))
+        x = swiglu(torch.addmm(x, y.transpose(1, 2).reshape(B * T, nh * hd), wo), n2, wgu, wd, cfg.rms_norm_eps)
     if cache is not None:
         cache.length += T
     x = x.view(B, T, C)[:, -logits_to_keep:] if logits_to_keep else x.view(B, T, C)
     return ModelOutput(torch.matmul(F.rms_norm(x, (C,), fm.norm, cfg.rms_norm_eps), fm.head), None)
 
 # %% ../nbs/13_inference.ipynb #17b339f8
+def decode_layers(
+    ids: torch.Tensor,  # (B·T,) new tokens, row after row: one per row, or a few drafts to check
+    seen: torch.Tensor,  # (B or 1, 1, T, ctx) which cache positions each new token attends
+    rot: torch.Tensor,  # (T, 1, hd/2, 2), or (B, T, 1, hd/2, 2) with left padding: cos and sin of each position
+    at: torch.Tensor,  # (T,) the cache positions written
+    layers: list,  # per layer: norm, qkv, o, norm, gate_up, down (FastLM.layers)
+    ks: list,  # the cache's keys and values per layer, (B, nkv, ctx, hd), written in place
+    vs: list,
+    embed: torch.Tensor,
+    norm: torch.Tensor,
+    head: torch.Tensor,
+    heads: tuple,  # (query heads, key-value heads, head size)
+    eps: float,
+) -> torch.Tensor:
+    "New tokens through every layer on the static cache, B·T ids -> (B, T, V) logits: shapes fixed, so it compiles."
+    (nh, nkv, hd), T = heads, at.size(0)
+    B = ids.size(0) // T
+    nq, C = (nh + nkv) * hd, embed.size(1)
+    x = F.embedding(ids, embed)  # (B·T, C)
+    cos, sin = rot.unbind(-1)
+    for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(layers):
+        qk, v = torch.mm(F.rms_norm(x, (C,), n1, eps), wqkv).split((nq, nkv * hd), 1)
+        re, im = qk.view(B, T, nh + nkv, hd // 2, 2).unbind(-1)  # paired rows: RoPE is a complex multiply
+        qk = torch.stack((re * cos - im * sin, re * sin + im * cos), -1)
+        q, k = qk.view(B, T, nh + nkv, hd).transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
+        ks[i].index_copy_(2, at, k)
+        vs[i].index_copy_(2, at, v.view(B, T, nkv, hd).transpose(1, 2))
+        y = F.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=seen, enable_gqa=nkv != nh)
+        x = swiglu(torch.addmm(x, y.transpose(1, 2).reshape(B * T, nh * hd), wo), n2, wgu, wd, eps)
+    return torch.mm(F.rms_norm(x, (C,), norm, eps), head).view(B, T, -1)
+
+
+STEP_TOKENS = 8  # new tokens per row up to which a cached forward takes the fixed-shape step (longer: a prompt)
+STEP_SIZES = (1, 4, 8)  # the token counts it is compiled for: a check of k drafts is padded up to the next one
+# one compiled program per batch size, token count and padding (its kernels are cached on disk); `cpp_wrapper` calls
+# the kernels from C++, which removes most of the per-operation Python cost that remains
+COMPILED_STEP = torch.compile(decode_layers, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+# dynamo keeps 8 programs per function by default, then runs it eagerly: batch sizes x token counts need more
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def step_size(T: int, past: int, ctx: int) -> int:
+    "The step's token count for T new tokens: the next of `STEP_SIZES` that fits the context (else T, run eagerly)."
+    return next((n for n in STEP_SIZES if n >= T and past + n <= ctx), T)
+
+
 def decode_step(
     fm: FastLM, input_ids: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, past: int
 ) -> torch.Tensor:
-    "One new token per row (B, 1) -> logits (B, 1, V): as few tensor operations as the arithmetic allows."
-    cfg, B = fm.cfg, input_ids.size(0)
-    nh, nkv, hd, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    seen, at = fm.upto[past], fm.positions[past : past + 1]  # attend the whole static cache, written positions only
+    "(B, T) new tokens, T <= STEP_TOKENS -> logits (B, T, V) on the static cache, as few operations as possible."
+    cfg, T = fm.cfg, input_ids.size(1)
+    n = step_size(T, past, cache.max_len)  # padded with copies of the last token: fewer shapes to compile
+    ids = F.pad(input_ids, (0, n - T), mode="replicate") if n > T else input_ids
+    seen, at = fm.upto[past : past + n][None, None], fm.positions[past : past + n]  # written positions only
     if mask is None:
-        rot = fm.rot[past]  # (hd/2,) every row is at position `past`
-    else:  # left padding: each row's position counts its real tokens
-        rot = fm.rot[mask.sum(1) - 1][:, None]  # (B, 1, hd/2)
+        rot = fm.cos_sin[past : past + n][:, None]  # (n, 1, hd/2, 2): every row is at the same positions
+    else:  # left padding: each row's positions count its real tokens
+        pos = mask.cumsum(1)[:, past:] - 1  # (B, T)
+        pos = torch.cat([pos, pos[:, -1:] + fm.positions[1 : n - T + 1]], 1)  # the padding goes on counting
+        rot = fm.cos_sin[pos][:, :, None]  # (B, n, 1, hd/2, 2)
         seen = seen & cache.mask[:, None, None].bool()
-    x = F.embedding(input_ids[:, 0], fm.embed)  # (B, C)
-    nq = (nh + nkv) * hd
-    for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(fm.layers):
-        qk, v = torch.mm(F.rms_norm(x, (C,), n1, cfg.rms_norm_eps), wqkv).split((nq, nkv * hd), 1)
-        qk = torch.view_as_real(torch.view_as_complex(qk.view(B, nh + nkv, hd // 2, 2)) * rot)
-        q, k = qk.view(B, nh + nkv, 1, hd).split((nh, nkv), 1)  # T = 1: (B, heads, 1, hd) without a transpose
-        cache.k[i].index_copy_(2, at, k)
-        cache.v[i].index_copy_(2, at, v.view(B, nkv, 1, hd))
-        y = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=seen, enable_gqa=nkv != nh)
-        x = fm.mlp(i, torch.addmm(x, y.view(B, nh * hd), wo))
-    cache.length += 1
-    return torch.mm(F.rms_norm(x, (C,), fm.norm, cfg.rms_norm_eps), fm.head)[:, None]
+    # flat, freshly laid out ids: a slice of the text has the text's strides, which would make a new program each step
+    flat = ids.reshape(-1).clone(memory_format=torch.contiguous_format)
+    args = (flat, seen, rot, at, fm.layers, cache.k, cache.v, fm.embed, fm.norm, fm.head)
+    heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    step = fm.step if n in STEP_SIZES else decode_layers  # at the context's end, unpadded: eager (rare, no compile)
+    try:
+        logits = step(*args, heads, cfg.rms_norm_eps)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # too many shapes in this process: this one runs eagerly
+        logits = decode_layers(*args, heads, cfg.rms_norm_eps)
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler: the same step, eager from now on
+        warnings.warn(f"torch.compile failed, decoding eagerly: {str(e).splitlines()[0]}")
+        fm.step, fm.compiled = decode_layers, False
+        logits = fm.step(*args, heads, cfg.rms_norm_eps)
+    cache.length += T  # the padding's keys lie past the end: the next step overwrites them before anyone reads them
+    return logits[:, :T]
 
 # %% ../nbs/13_inference.ipynb #fec0c6c0
-def fast_model(model):
+def fast_model(model, compile: bool = True):
     "The fast path where it applies: a float32 `MicroLM` with plain weights becomes a `FastLM`; others are kept."
     if isinstance(model, MicroLM) and model.lm_head.weight.dtype == torch.float32:
         try:
-            return FastLM(model)
+            return FastLM(model, compile)
         except ValueError:  # adapters not merged: decode it as it is
             return model
     return model
@@ -197,10 +256,12 @@ class PromptLookup:
 
     def __init__(
         self,
-        k: int = 6,  # tokens proposed per step
+        k: int = 3,  # tokens proposed per step (each one is a position the check pays for)
         ngram: int = 3,  # longest suffix searched for
-        min_ngram: int = 1,  # shortest suffix searched for
+        min_ngram: int | None = None,  # shortest suffix searched for (None: 2, or `ngram` if less; one token matches
+        # too often to guess well)
     ):
+        min_ngram = min(2, ngram) if min_ngram is None else min_ngram
         if not (k >= 1 and ngram >= min_ngram >= 1):
             raise ValueError(f"PromptLookup needs k >= 1 and ngram >= min_ngram >= 1, got {k}, {ngram}, {min_ngram}")
         self.k, self.ngram, self.min_ngram = k, ngram, min_ngram
@@ -303,7 +364,7 @@ def speculative_benchmark(
     prompts: list[list[int]],  # decoded one at a time (batch 1)
     draft: MicroLM | None = None,  # a draft model on the same tokenizer (None: prompt lookup only)
     new: int = 160,
-    k_lookup: int = 6,
+    k_lookup: int = 3,
     k_draft: int = 4,
     reps: int = 2,
     eager: bool = True,  # also the eager engine, plain and speculative (False: the fast path's rows only)
@@ -542,7 +603,7 @@ def inference_benchmark(
     new: int = 240,  # new tokens per row on random prompts
     prompts: int = 40,  # structured prompts for the speculative rows
     reps: int = 3,
-    vllm: bool = False,  # also vLLM's offline engine, plain and with its n-gram speculation (needs the export stage)
+    vllm: bool = False,  # also vLLM's offline engine, plain and with its n-gram speculation (as PromptLookup's)
     log=print,
 ) -> dict:
     "The decode benchmark of the own engine on `run`'s architecture and models: everything 13_inference plots."
@@ -556,7 +617,7 @@ def inference_benchmark(
     out["decode"] = decode_benchmark(arch, batch_sizes, 16, min(new, arch.cfg.max_position_embeddings - 16), reps)
     out["speculative"] = speculative_benchmark(target, tok, ps, load_model(run / "draft").eval(), reps=max(1, reps - 1))
     if vllm:
-        spec = {"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+        spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
         rows = []
         for sc in (None, spec):
             try:

@@ -165,11 +165,14 @@ def set_dropout(model: nn.Module, p: float) -> nn.Module:
 
 # %% ../nbs/05_model.ipynb #a5e04535
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    "Normal(0, initializer_range) matrices; residual output projections scaled by 1/sqrt(2 * layers); norms at 1."
+    "Normal(0, initializer_range) matrices; residual output projections scaled by 1/sqrt(2 * layers) or zero; norms 1."
     std = cfg.initializer_range
     for name, p in model.named_parameters():  # tied weights appear once
         if name.endswith(("o_proj.weight", "down_proj.weight")):
-            nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.num_hidden_layers))
+            if cfg.zero_init_out:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.num_hidden_layers))
         elif p.dim() == 2:
             nn.init.normal_(p, 0.0, std)
         else:

@@ -143,6 +143,7 @@ def llama_batch_decode(
 ) -> tuple[list[list[int]], dict]:
     "Greedy-decode `prompts` together in one llama.cpp context: the new ids, and the prefill and decode seconds."
     import llama_cpp  # see load_gguf
+    from llama_cpp._utils import suppress_stdout_stderr  # what `Llama(verbose=False)` wraps its own contexts in
 
     B, T = len(prompts), len(prompts[0])
     if any(len(p) != T for p in prompts):
@@ -154,7 +155,9 @@ def llama_batch_decode(
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)  # f32 KV cache, threads, no FA
     params.n_ctx, params.n_seq_max = B * (-(-ctx_len // 256) * 256), B  # a context per sequence, in llama.cpp's 256s
     params.n_batch = params.n_ubatch = B * T
-    ctx, batch = llama_cpp.llama_init_from_model(llm.model, params), llama_cpp.llama_batch_init(B * T, 0, B)
+    with suppress_stdout_stderr(disable=False):  # quiet, as `load_gguf`: the padded context is warned about on stderr
+        ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    batch = llama_cpp.llama_batch_init(B * T, 0, B)
     try:
         if T + new_tokens > ctx_len:
             raise ValueError(f"llama_batch_decode: {T} + {new_tokens} tokens do not fit the context of {ctx_len}")

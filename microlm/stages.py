@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import Preset, Run, atomic_write, machine, stable_hash
+from .config import Preset, Run, atomic_write, hashed_fields, machine, stable_hash
 
 # %% auto #0
 __all__ = ['STAGES', 'Stage', 'get_stage', 'plan', 'sha256_file', 'scan', 'digest', 'diff', 'marker_path', 'read_marker',
@@ -243,8 +243,8 @@ def read_marker(run: Run, name: str) -> dict | None:
 
 def config_hashes(preset: Preset, stage: Stage) -> dict[str, str]:
     "One hash per preset section the stage reads, and the seed."
-    d = preset.to_dict()
-    return {"seed": stable_hash(preset.seed), **{s: stable_hash(d[s]) for s in stage.sections}}
+    hashes = {s: stable_hash(hashed_fields(getattr(preset, s))) for s in stage.sections}
+    return {"seed": stable_hash(preset.seed), **hashes}
 
 
 def input_scans(run: Run, stage: Stage, known: dict | None = None) -> dict[str, dict]:

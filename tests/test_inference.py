@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from microlm.config import SMALL, SMOKE, Run
 from microlm.generate import Decoding, chat_prompt, default_stop_ids, generate
@@ -60,8 +61,9 @@ def run(smoke_run):
 
 # --- the fast path -------------------------------------------------------------------------------------------------
 
-def test_fast_equals_eager(model):
-    fast = FastLM(model)
+@pytest.mark.parametrize("compile", [False, True], ids=["layout", "compiled"])
+def test_fast_equals_eager(model, compile):
+    fast = FastLM(model, compile=compile)
     want = ids_of(generate(model, PROMPTS, 60))
     assert all(len(set(w)) > 10 for w in want)  # varied output: equality below means something
     assert ids_of(generate(fast, PROMPTS, 60)) == want  # batched, left padding
@@ -70,6 +72,15 @@ def test_fast_equals_eager(model):
     x = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         assert torch.allclose(fast(x).logits, model(x).logits, atol=1e-4, rtol=1e-5)
+    assert fast.compiled == compile  # the compiled step really ran: no silent fall-back to eager
+
+
+def test_compiled_step_compiles_once_per_shape(model):
+    "One program per batch size, padding and step size: a program per decoded token would recompile ~60 times."
+    fast, before = FastLM(model), counters["stats"]["unique_graphs"]
+    generate(fast, PROMPTS, 30)  # batched, left padding: every step feeds a slice of the growing text
+    generate(fast, PROMPTS[0], 30)
+    assert fast.compiled and counters["stats"]["unique_graphs"] - before <= 4  # 0 if other tests made them
 
 
 def test_fast_equals_eager_small_architecture():

@@ -115,6 +115,21 @@ def test_initial_loss_and_residual_init():
     assert abs(o / q - 1 / math.sqrt(2 * BASE_CFG.num_hidden_layers)) < 0.1
 
 
+def test_zero_init_out_starts_every_block_as_the_identity():
+    m = make(replace(BASE_CFG, zero_init_out=True))
+    outs = [n for n, p in m.named_parameters() if n.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(outs) == 2 * BASE_CFG.num_hidden_layers
+    assert all(m.get_parameter(n).abs().sum() == 0 for n in outs)
+    assert m.model.layers[0].self_attn.q_proj.weight.std() > 0.01  # the rest as before
+    ids = torch.randint(0, BASE_CFG.vocab_size, (2, 12))
+    with torch.no_grad():
+        skip = m.lm_head(m.model.norm(m.model.embed_tokens(ids)))  # no block changes the stream
+        assert torch.allclose(m(ids).logits, skip, atol=1e-6)
+    m.train()
+    m(ids, labels=ids).loss.backward()
+    assert all(m.get_parameter(n).grad.abs().sum() > 0 for n in outs)  # the first step gives them their scale
+
+
 def greedy_cached(model, ids, am, n):
     cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
     logits = [model(ids, attention_mask=am, cache=cache, logits_to_keep=1).logits[:, -1]]

@@ -338,19 +338,23 @@ def load_gguf(
         import llama_cpp  # optional C++ build (tools/setup.sh installs it): imported only where llama.cpp runs
     except ImportError as e:
         raise ImportError("llama.cpp is not installed: run `bash tools/setup.sh` (it builds llama-cpp-python)") from e
+    from llama_cpp._utils import suppress_stdout_stderr  # the same optional package
+
     f32 = llama_cpp.GGML_TYPE_F32
-    return llama_cpp.Llama(
-        str(path),
-        n_ctx=n_ctx,
-        n_threads=n_threads,
-        n_threads_batch=n_threads,
-        n_gpu_layers=0,
-        type_k=f32,
-        type_v=f32,
-        logits_all=logits_all,
-        seed=0,
-        verbose=False,
-    )
+    # quiet: `verbose=False` still lets llama.cpp's padded-context warning through; a failure still raises
+    with suppress_stdout_stderr(disable=False):
+        return llama_cpp.Llama(
+            str(path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_gpu_layers=0,
+            type_k=f32,
+            type_v=f32,
+            logits_all=logits_all,
+            seed=0,
+            verbose=False,
+        )
 
 
 def gguf_context(llm) -> int:

@@ -25,19 +25,26 @@ from .speedrun import matmul_params
 from .train import pretrain_model
 
 # %% auto #0
-__all__ = ['PROJECTIONS', 'STEP_TOKENS', 'STEP_SIZES', 'COMPILED_STEP', 'VLLM_DECODE', 'rope_pairs', 'swiglu', 'FastLM',
-           'fast_forward', 'decode_layers', 'step_size', 'decode_step', 'fast_model', 'lookup_continuation',
+__all__ = ['PROJECTIONS', 'STEP_TOKENS', 'STEP_SIZES', 'COMPILED_STEP', 'VLLM_DECODE', 'rope_pairs', 'rotate_pairs', 'swiglu',
+           'FastLM', 'fast_forward', 'decode_layers', 'step_size', 'decode_step', 'fast_model', 'lookup_continuation',
            'PromptLookup', 'DraftModel', 'draft_stage', 'load_draft', 'structured_prompts', 'speculative_benchmark',
            'memory_bandwidth', 'weight_bytes', 'load_avg', 'time_decode', 'time_transformers', 'decode_benchmark',
            'vllm_decode', 'inference_benchmark', 'main']
 
 # %% ../nbs/13_inference.ipynb #5a6e9cf0
 def rope_pairs(head_dim: int) -> torch.Tensor:
-    "Row order that puts `rotate_half`'s partners (i, i + hd/2) side by side, so RoPE becomes one complex multiply."
+    "Row order that puts `rotate_half`'s partners (i, i + hd/2) side by side, so each pair turns as one complex number."
     return torch.arange(head_dim).view(2, head_dim // 2).t().reshape(-1)
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def rotate_pairs(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    "RoPE on paired rows: x (..., hd) with partners side by side, each pair turned by its (cos, sin) in (..., hd/2, 2)."
+    re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos_sin.unbind(-1)
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), -1).flatten(-2)
 
 
 def swiglu(x: torch.Tensor, norm: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,7 +54,7 @@ def swiglu(x: torch.Tensor, norm: torch.Tensor, gate_up: torch.Tensor, down: tor
 
 
 class FastLM(nn.Module):
-    "`MicroLM` laid out for CPU decoding: fused, pre-transposed weights, RoPE as one complex multiply; the same tokens."
+    "`MicroLM` laid out for CPU decoding: fused, pre-transposed weights, RoPE on paired rows; the same tokens."
 
     def __init__(
         self,
@@ -86,20 +93,18 @@ class FastLM(nn.Module):
             angles = (
                 torch.arange(cfg.max_position_embeddings).float()[:, None] * model._inv_freq().float()
             )  # (ctx, hd/2)
-            self.register_buffer("rot", torch.polar(torch.ones_like(angles), angles), persistent=False)  # e^{i·pos·θ}
+            self.register_buffer("cos_sin", torch.stack((angles.cos(), angles.sin()), -1), persistent=False)
             ctx = torch.arange(cfg.max_position_embeddings)
             self.register_buffer("positions", ctx, persistent=False)
             self.register_buffer("upto", ctx[None] <= ctx[:, None], persistent=False)  # (ctx, ctx) causal
         self.names = list(ws)
         self._collect()
-        self.compiled = compile  # False again if the compiler fails (decode_step falls back to eager)
         self.step = COMPILED_STEP if compile else decode_layers
 
     def _collect(self):
-        "Each layer's weights as a list, read once per step instead of looked up by name; RoPE as (cos, sin) pairs."
+        "Each layer's weights as a list, read once per step instead of looked up by name."
         n = self.cfg.num_hidden_layers
         self.layers = [[getattr(self, f"l{i}_{k}") for k in self.names] for i in range(n)]
-        self.cos_sin = torch.view_as_real(self.rot)  # (ctx, hd/2, 2): the real arithmetic a compiler can fuse
 
     def _apply(self, fn, *args, **kw):  # `.to(...)` replaces the buffers: collect them again
         out = super()._apply(fn, *args, **kw)
@@ -107,6 +112,7 @@ class FastLM(nn.Module):
         return out
 
     config = property(lambda self: self.cfg)
+    compiled = property(lambda self: self.step is COMPILED_STEP)  # False: the layout alone, or the compiler failed
 
     def forward(self, input_ids, attention_mask=None, cache=None, logits_to_keep: int = 0) -> ModelOutput:
         return fast_forward(self, input_ids, attention_mask, cache, logits_to_keep)
@@ -132,13 +138,13 @@ def fast_forward(
         logits = decode_step(fm, input_ids, attention_mask, cache, past)
         return ModelOutput(logits[:, -logits_to_keep:] if logits_to_keep else logits, None)
     pos, mask = positions_and_mask(attention_mask, T, past, input_ids.device)
-    rot = fm.rot[pos][:, :, None]  # (B or 1, T, 1, hd/2)
+    rot = fm.cos_sin[pos][:, :, None]  # (B or 1, T, 1, hd/2, 2)
     x = F.embedding(input_ids, fm.embed).view(B * T, C)
     nq = (nh + nkv) * hd
     for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(fm.layers):
         qk, v = torch.mm(F.rms_norm(x, (C,), n1, cfg.rms_norm_eps), wqkv).split((nq, nkv * hd), 1)
-        qk = torch.view_as_real(torch.view_as_complex(qk.view(B, T, nh + nkv, hd // 2, 2)) * rot)  # q, k rotated
-        q, k = qk.view(B, T, nh + nkv, hd).transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
+        qk = rotate_pairs(qk.view(B, T, nh + nkv, hd), rot)  # q and k rotated
+        q, k = qk.transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(i, k, v)  # (B, nkv, past+T, hd)
@@ -171,12 +177,10 @@ def decode_layers(
     B = ids.size(0) // T
     nq, C = (nh + nkv) * hd, embed.size(1)
     x = F.embedding(ids, embed)  # (B·T, C)
-    cos, sin = rot.unbind(-1)
     for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(layers):
         qk, v = torch.mm(F.rms_norm(x, (C,), n1, eps), wqkv).split((nq, nkv * hd), 1)
-        re, im = qk.view(B, T, nh + nkv, hd // 2, 2).unbind(-1)  # paired rows: RoPE is a complex multiply
-        qk = torch.stack((re * cos - im * sin, re * sin + im * cos), -1)
-        q, k = qk.view(B, T, nh + nkv, hd).transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
+        qk = rotate_pairs(qk.view(B, T, nh + nkv, hd), rot)  # real arithmetic: a compiler fuses it
+        q, k = qk.transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
         ks[i].index_copy_(2, at, k)
         vs[i].index_copy_(2, at, v.view(B, T, nkv, hd).transpose(1, 2))
         y = F.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=seen, enable_gqa=nkv != nh)
@@ -224,7 +228,7 @@ def decode_step(
         logits = decode_layers(*args, heads, cfg.rms_norm_eps)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler: the same step, eager from now on
         warnings.warn(f"torch.compile failed, decoding eagerly: {str(e).splitlines()[0]}")
-        fm.step, fm.compiled = decode_layers, False
+        fm.step = decode_layers
         logits = fm.step(*args, heads, cfg.rms_norm_eps)
     cache.length += T  # the padding's keys lie past the end: the next step overwrites them before anyone reads them
     return logits[:, :T]

@@ -148,10 +148,13 @@ class TrainConfig:
 class SFTDataConfig:
     "Supervised fine-tuning data: structured tasks derived from the corpus plus real conversations."
 
-    tasks_per_play: int = 60  # structured-task examples drawn from each play
+    tasks_per_play: int = 60  # structured-task examples drawn from each training play
     max_passage_chars: int = 600  # length of the passages the tasks are built from
     chat_samples: int = 1000  # chatterbot-corpus conversations (0: none)
     eval_prompts: int = 120  # held-out structured prompts used by evaluation
+    # examples drawn from each valid and test play (0: tasks_per_play): the held-out prompts stay put when the
+    # training set grows
+    heldout_tasks_per_play: int = field(default=0, metadata=OPTION)
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,8 @@ class EvalConfig:
     max_new_tokens: int = 160
     batch_size: int = 24  # prompts per generation batch (greedy, left-padded)
     lm_batches: int = 40  # windows per split for loss / bits per byte
+    # `+schema` entries: the last this-many tokens of a row are steered to close its JSON (07_generate's Constraint)
+    close_within: int = 24
 
 
 @dataclass(frozen=True)
@@ -307,9 +312,11 @@ class Preset:
     draft_train: TrainConfig = TrainConfig(
         max_steps=400, eval_every=100, eval_batches=5, ckpt_every=200, optimizer="muon"
     )
-    sft_data: SFTDataConfig = SFTDataConfig()
+    # 200 tasks per training play and 600 steps: past the point where the model starts copying from its prompt
+    # (09_sft); the held-out plays keep 60 each, the prompts every leaderboard is measured on
+    sft_data: SFTDataConfig = SFTDataConfig(tasks_per_play=200, heldout_tasks_per_play=60)
     sft: TrainConfig = TrainConfig(
-        batch_size=16, seq_len=256, max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_every=100, ckpt_every=100
+        batch_size=16, seq_len=256, max_steps=600, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_every=100, ckpt_every=100
     )
     lora: LoraConfig = LoraConfig()
     lora_train: TrainConfig = TrainConfig(

@@ -60,6 +60,7 @@ def own_backend(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     schemas: list[dict] | None = None,  # constrained decoding: one JSON schema per prompt, in the prompts' order
+    close_within: int = 0,  # constrained decoding: steer each row's last this-many tokens to close its answer
 ) -> Backend:
     "The own model with own `generate` (its fast path): greedy, batched with left padding, stopping at the turn's end."
     model = fast_model((load_model(model) if isinstance(model, (str, Path)) else model).eval())
@@ -69,7 +70,8 @@ def own_backend(
     def run_batch(rows):
         ids, schema = [r[0] for r in rows], [r[1] for r in rows] if schemas is not None else None
         n = min(max_new_tokens, ctx - max(map(len, ids)))
-        return [g.text for g in generate(model, ids, n, tokenizer=tok, stop_token_ids=stops, schema=schema)]
+        kw = dict(schema=schema, close_within=close_within) if schema is not None else {}
+        return [g.text for g in generate(model, ids, n, tokenizer=tok, stop_token_ids=stops, **kw)]
 
     def answer(convs):
         if schemas is not None and len(schemas) != len(convs):
@@ -350,7 +352,7 @@ def model_backend(
         raise ValueError(f"{name}: '{CONSTRAINED}' needs an own model and the examples whose schemas constrain it")
     if base in OWN_MODELS:
         schemas = [e["schema"] for e in examples] if constrained else None
-        return own_backend(load_own(run, base), run / "tokenizer", new, cfg.batch_size, schemas)
+        return own_backend(load_own(run, base), run / "tokenizer", new, cfg.batch_size, schemas, cfg.close_within)
     folder = run / "hf" / name
     if not (folder / "config.json").exists():
         raise FileNotFoundError(

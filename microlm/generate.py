@@ -17,8 +17,8 @@ __all__ = ['SamplingParams', 'apply_repetition_penalty', 'apply_top_k', 'apply_t
            'model_device', 'model_config', 'context_length', 'left_pad', 'choose_tokens', 'accepted_drafts',
            'forward_last', 'truncate_cache', 'iter_next_tokens', 'Generation', 'visible_text', 'default_stop_ids',
            'Decoding', 'generate', 'stream_ids', 'holdback', 'stream_text', 'generate_text', 'chat_prompt',
-           'generate_reply', 'grammar_specs', 'compile_grammar', 'Constraint', 'HFCausalLM', 'time_generation',
-           'benchmark_generation']
+           'generate_reply', 'grammar_specs', 'compile_grammar', 'closing_tiers', 'Constraint', 'HFCausalLM',
+           'time_generation', 'benchmark_generation']
 
 # %% ../nbs/07_generate.ipynb #fd6f8f2e
 @dataclass(frozen=True)
@@ -302,6 +302,7 @@ class Decoding:
         choices: Sequence[str] | None = None,  # the answer is one of these strings (or a list of such lists)
         any_whitespace: bool = False,  # JSON schemas: allow free whitespace (False: compact JSON, as vLLM serves it)
         draft=None,  # a proposer of draft tokens (13_inference): speculative decoding, greedy only
+        close_within: int = 0,  # constrained rows: steer the last this-many tokens to close the answer (`Constraint`)
     ):
         self.sp = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
@@ -330,14 +331,14 @@ class Decoding:
         self.constraint = None  # grammars (constrained decoding, below), only when asked for
         if (schema, regex, choices) != (None, None, None):
             self.constraint = self._constraint(
-                grammar_specs(len(self.ids), schema, regex, choices), vocab, any_whitespace
+                grammar_specs(len(self.ids), schema, regex, choices), vocab, any_whitespace, close_within
             )
         if draft is not None:
             if not self.sp.greedy:
                 raise ValueError("speculative decoding (draft=) checks the drafts greedily: use temperature=0")
             draft.start(model, self.ids, self.mask, tokenizer)  # the proposer's own checks: vocabulary, context
 
-    def _constraint(self, specs: list, vocab: int | None, any_whitespace: bool):
+    def _constraint(self, specs: list, vocab: int | None, any_whitespace: bool, close_within: int):
         if not any(specs):
             return None
         if self.tokenizer is None:
@@ -345,7 +346,15 @@ class Decoding:
                 "constrained decoding (schema, regex, choices) needs the model's tokenizer: pass tokenizer="
             )
         self.stop_ids = self.stop_ids or set(default_stop_ids(self.tokenizer))  # a complete answer must end
-        return Constraint(self.tokenizer, vocab or len(self.tokenizer), specs, sorted(self.stop_ids), any_whitespace)
+        return Constraint(
+            self.tokenizer,
+            vocab or len(self.tokenizer),
+            specs,
+            sorted(self.stop_ids),
+            any_whitespace,
+            budget=self.n,
+            close_within=close_within,
+        )
 
     def text(self, i: int) -> str:
         "Row `i`'s text so far (cut before a stop string once one has appeared)."
@@ -533,6 +542,32 @@ def compile_grammar(compiler, kind: str, spec, any_whitespace: bool = False):
         raise ValueError(f"{kind}: xgrammar cannot compile it: {str(e).split(': ', 1)[-1].strip()}") from None
 
 # %% ../nbs/07_generate.ipynb #792197db
+def _packed(ok: torch.Tensor) -> torch.Tensor:
+    "A (V,) 0/1 vector as xgrammar packs a bitmask: bit i % 32 of int32 word i // 32."
+    words = (F.pad(ok, (0, -len(ok) % 32)).view(-1, 32).long() << torch.arange(32)).sum(1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def closing_tiers(tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    "Packed masks for steering an answer shut: letters (inside a string?), and the closing tiers in and out of one."
+    texts = [tokenizer.decode([i]) for i in range(min(len(tokenizer), vocab_size))]
+
+    def mask(test, stops: bool = True) -> torch.Tensor:
+        ok = torch.zeros(vocab_size, dtype=torch.long)
+        ok[[i for i, t in enumerate(texts) if t and test(t)]] = 1
+        if stops:
+            ok[list(stop_ids)] = 1  # once the answer is complete, its stop is the way out
+        return _packed(ok)
+
+    only = lambda chars: lambda t: set(t) <= set(chars)
+    return dict(
+        letters=mask(lambda t: t.isascii() and t.isalpha(), stops=False),  # allowed only inside a string or a key
+        in_string=[mask(lambda t: t[0] == '"' and only('"]}')(t)), mask(lambda t: t[0] == '"' and only('"]},:')(t))],
+        # close what is open; else the separator a required key needs; else a digit (a number's shortest start)
+        outside=[mask(only("]}")), mask(only(",:")), mask(only("0123456789"))],
+    )
+
+
 class Constraint:
     "One xgrammar matcher per row: masks each step's logits to what the row's grammar allows (stop only once complete)."
 
@@ -543,8 +578,14 @@ class Constraint:
         specs: list,  # one `(kind, spec)` or None per row, as `grammar_specs` returns
         stop_ids: Sequence[int],  # the tokens that end a row: allowed only where the grammar is complete
         any_whitespace: bool = False,  # JSON schemas: free whitespace (False: compact, as the vLLM deployment)
+        budget: int | None = None,  # new tokens each row may write (needed by close_within)
+        close_within: int = 0,  # in a row's last this-many tokens, steer it to the nearest way out (0: never)
     ):
         xgr = _xgrammar()
+        if not (isinstance(close_within, int) and close_within >= 0):
+            raise ValueError(f"close_within must be an integer >= 0, got {close_within!r}")
+        if close_within and budget is None:
+            raise ValueError("close_within needs the rows' token budget: pass budget=")
         if not stop_ids:
             raise ValueError("constrained decoding needs a stop token to end a complete answer: pass stop_token_ids")
         compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
@@ -563,6 +604,18 @@ class Constraint:
             for s in specs
         ]
         self.vocab_size, self.xgr = vocab_size, xgr
+        self.left = [budget] * len(specs) if close_within else None  # tokens each row may still write
+        self.close_within = close_within
+        self.tiers = closing_tiers(tokenizer, vocab_size, stop_ids) if close_within else None
+
+    def _steer(self, bits: torch.Tensor, r: int) -> None:
+        "Narrow mask row `r` to the first closing tier that the grammar allows there (else leave it)."
+        inside = bool((bits[r] & self.tiers["letters"]).any())  # letters allowed: the row is inside a string
+        for tier in self.tiers["in_string" if inside else "outside"]:
+            both = bits[r] & tier
+            if bool(both.any()):
+                bits[r] = both
+                return
 
     def mask(self, logits: torch.Tensor, drafts: torch.Tensor | None = None) -> None:
         "Set disallowed logits (B, 1+k, V) to -inf in place; position j assumes the row's first j drafts were accepted."
@@ -572,6 +625,9 @@ class Constraint:
             if m is None or m.is_terminated():
                 continue
             m.fill_next_token_bitmask(bits, b * P)
+            closing = self.left is not None and self.left[b] <= self.close_within
+            if closing:
+                self._steer(bits, b * P)
             n = 0
             for j in range(1, P):  # walk the drafts: the mask after each one the grammar accepts
                 if m.is_terminated() or not m.accept_token(int(drafts[b, j - 1])):
@@ -579,6 +635,8 @@ class Constraint:
                 n += 1
                 if not m.is_terminated():
                     m.fill_next_token_bitmask(bits, b * P + j)
+                    if self.left is not None and self.left[b] - j <= self.close_within:
+                        self._steer(bits, b * P + j)
             if n:
                 m.rollback(n)
         self.xgr.apply_token_bitmask_inplace(logits.view(B * P, V), bits, vocab_size=min(V, self.vocab_size))
@@ -592,6 +650,8 @@ class Constraint:
                     break
                 if not m.accept_token(t):
                     raise RuntimeError(f"row {b}: the grammar refused token {t} that its own mask allowed")
+                if self.left is not None:
+                    self.left[b] -= 1
 
 # %% ../nbs/07_generate.ipynb #9b954315
 class HFCausalLM(torch.nn.Module):

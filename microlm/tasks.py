@@ -298,7 +298,7 @@ def split_tasks(run: Run, split: str, fits=lambda m: True) -> tuple[list[dict], 
     cfg, docs = run.preset.sft_data, read_docs(run, split)
     n = cfg.tasks_per_play
     if split != "train":
-        n = max(n, math.ceil(cfg.eval_prompts / max(len(docs), 1)))
+        n = max(cfg.heldout_tasks_per_play or n, math.ceil(cfg.eval_prompts / max(len(docs), 1)))
     out, dropped, plays = [], 0, 0
     for d in docs:
         ex, dr = play_tasks(d["name"], d["text"], n, run.preset.seed, fits, cfg.max_passage_chars)

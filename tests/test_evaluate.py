@@ -186,14 +186,18 @@ def test_judgement_recommends_no_model_that_scores_nothing():
     assert judgement(board).startswith("Deploy **smol_lora**")
 
 
-def test_constrained_own_backend_keeps_each_prompts_schema(tmp_path):
-    "`schemas` pair with prompts by position, through the length sorting of the batches; a count mismatch is an error."
+def random_own(tmp_path, text):
+    "A random own model (seed 0) and the folder of a 400-token tokenizer trained on `text`."
     from microlm.model import MicroLM
     from microlm.tokenizer import save_tokenizer, to_hf, train_bpe
-    text = 'ROMEO. {"a": 1, "b": [true, false]} "yes" "no" 0123456789 ' * 50
     with pytest.warns(UserWarning): tok_dir = save_tokenizer(to_hf(train_bpe(text, 400)), tmp_path/"tok")
     torch.manual_seed(0)
-    m = MicroLM(replace(SMOKE.model, vocab_size=400)).eval()
+    return MicroLM(replace(SMOKE.model, vocab_size=400)).eval(), tok_dir
+
+
+def test_constrained_own_backend_keeps_each_prompts_schema(tmp_path):
+    "`schemas` pair with prompts by position, through the length sorting of the batches; a count mismatch is an error."
+    m, tok_dir = random_own(tmp_path, 'ROMEO. {"a": 1, "b": [true, false]} "yes" "no" 0123456789 ' * 50)
     schemas = [{"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["yes", "no"]}]
     convs = [[{"role": "user", "content": "Answer." * k}] for k in (3, 1, 2)]   # sorted by length: 1, 2, 0
     answers = own_backend(m, tok_dir, max_new_tokens=8, batch_size=2, schemas=schemas)(convs)
@@ -201,3 +205,14 @@ def test_constrained_own_backend_keeps_each_prompts_schema(tmp_path):
     assert type(values[0]) is bool and type(values[1]) is int and values[2] in ("yes", "no"), answers
     with pytest.raises(ValueError, match="2 schemas for 3 prompts"):
         own_backend(m, tok_dir, max_new_tokens=8, schemas=schemas[:2])(convs)
+
+
+def test_constrained_own_backend_closes_every_answer(tmp_path):
+    "The task schemas on a random model with a short budget: with `close_within` every answer parses and validates."
+    m, tok_dir = random_own(tmp_path, 'ROMEO. {"act": 1, "lines": [{"speaker": "A", "text": "x"}]} 0123456789 ' * 50)
+    kinds = list(KINDS) * 2
+    convs = [[{"role": "user", "content": f"{k} " * (i + 1)}] for i, k in enumerate(kinds)]
+    answers = own_backend(m, tok_dir, max_new_tokens=72, batch_size=3, schemas=[SCHEMAS[k] for k in kinds],
+                          close_within=56)(convs)
+    scores = [score_answer(a, {}, SCHEMAS[k]) for a, k in zip(answers, kinds)]
+    assert all(s["parsed"] and s["json_only"] and s["schema_valid"] for s in scores), answers

@@ -232,6 +232,32 @@ def test_constrained_rows_have_their_own_grammars(tok, tok_model):
     assert all(g.text in ('say "hi"', "a\\b", "two\nlines") for g in quoted)
 
 
+PHRASES = ("To be", "whether 'tis nobler", "héllo wörld", "the question")
+
+
+def test_close_within_closes_unbounded_schemas(tok, tok_model):
+    "The task schemas as they are (no bound on any string): with the last tokens steered, every answer is valid."
+    prompts = [tok.encode(t) for t in PHRASES]
+    for s in SCHEMAS.values():
+        for kw in (dict(), dict(temperature=1.0, seed=3)):
+            # 300 tokens, nearly one per character: the shortest way out of `extract` can take 55
+            for g in generate(tok_model, prompts, 96, tokenizer=tok, schema=s, close_within=64, **kw):
+                assert g.finish_reason == "stop" and schema_errors(json.loads(g.text), s) == [], (s, g.text)
+
+
+def test_close_within_leaves_answers_that_end_in_time(tok, tok_model):
+    "Rows that end before their last `close_within` tokens decode exactly as without it; steered rows stay valid."
+    s, prompts = bounded_schema(SCHEMAS["format"], 70), [tok.encode(t) for t in PHRASES]
+    plain = generate(tok_model, prompts, 80, tokenizer=tok, schema=s)
+    assert all(g.finish_reason == "stop" for g in plain)
+    n = max(len(g.ids) for g in plain) + 1  # the longest answer and its stop token
+    assert [g.ids for g in generate(tok_model, prompts, n + 8, tokenizer=tok, schema=s, close_within=8)] == [
+        g.ids for g in plain]
+    steered = generate(tok_model, prompts, n, tokenizer=tok, schema=s, close_within=n - 4)  # steered almost at once
+    assert [g.ids for g in steered] != [g.ids for g in plain]
+    assert all(schema_errors(json.loads(g.text), s) == [] for g in steered)
+
+
 class StopHappy(torch.nn.Module):
     "A model that always wants to stop: its stop token's logit is raised far above the rest."
 
@@ -262,7 +288,7 @@ def test_constrained_bad_input(tok, tok_model):
     bad = [(dict(schema={"type": "no-such-type"}), "not a valid JSON schema"), (dict(schema="{not json"), "not valid JSON"),
            (dict(schema=[1, 2]), "one per prompt"), (dict(regex="(unclosed"), "xgrammar cannot compile"),
            (dict(choices=[]), "non-empty"), (dict(schema={"type": "string"}, regex="a"), "one of schema, regex or choices"),
-           (dict(schema=["not a schema"]), "prompt 0")]
+           (dict(schema=["not a schema"]), "prompt 0"), (dict(schema={"type": "string"}, close_within=-1), "close_within")]
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg): generate(tok_model, [p], 8, tokenizer=tok, **kw)
     with pytest.raises(ValueError, match="tokenizer"): generate(tok_model, [p], 8, schema={"type": "string"})

@@ -47,3 +47,17 @@ def test_tasks_are_deterministic_valid_and_fit(play):
             assert e["gold"]["line_count"] == len(shown) - 2 and shown[2].startswith(e["gold"]["first_word"])
     assert make_task("extract", parse_play(play), random.Random(0), fits=lambda m: False) is None
 
+
+def test_heldout_tasks_stay_put_when_training_tasks_grow(smoke_run):
+    "More training tasks per play leave the valid/test prompts (what every leaderboard measures) as they were."
+    from dataclasses import replace
+    from microlm.config import Run
+    from microlm.tasks import split_tasks
+    cfg = smoke_run.preset.sft_data
+    grown = Run(smoke_run.root, replace(smoke_run.preset, sft_data=replace(
+        cfg, tasks_per_play=3 * cfg.tasks_per_play, heldout_tasks_per_play=cfg.tasks_per_play)))
+    ids = lambda run, split: [e["id"] for e in split_tasks(run, split)[0]]
+    for split in ("valid", "test"):
+        assert ids(grown, split) == ids(smoke_run, split)
+    plays = split_tasks(smoke_run, "train")[1]["plays"]
+    assert len(ids(grown, "train")) > len(ids(smoke_run, "train")) >= plays  # the training set did grow

@@ -608,8 +608,10 @@ class Constraint:
         self.close_within = close_within
         self.tiers = closing_tiers(tokenizer, vocab_size, stop_ids) if close_within else None
 
-    def _steer(self, bits: torch.Tensor, r: int) -> None:
-        "Narrow mask row `r` to the first closing tier that the grammar allows there (else leave it)."
+    def _steer(self, bits: torch.Tensor, b: int, r: int, j: int = 0) -> None:
+        "Within row `b`'s last `close_within` tokens (`j` drafts on), narrow mask row `r` to its first allowed tier."
+        if self.left is None or self.left[b] - j > self.close_within:
+            return
         inside = bool((bits[r] & self.tiers["letters"]).any())  # letters allowed: the row is inside a string
         for tier in self.tiers["in_string" if inside else "outside"]:
             both = bits[r] & tier
@@ -625,9 +627,7 @@ class Constraint:
             if m is None or m.is_terminated():
                 continue
             m.fill_next_token_bitmask(bits, b * P)
-            closing = self.left is not None and self.left[b] <= self.close_within
-            if closing:
-                self._steer(bits, b * P)
+            self._steer(bits, b, b * P)
             n = 0
             for j in range(1, P):  # walk the drafts: the mask after each one the grammar accepts
                 if m.is_terminated() or not m.accept_token(int(drafts[b, j - 1])):
@@ -635,8 +635,7 @@ class Constraint:
                 n += 1
                 if not m.is_terminated():
                     m.fill_next_token_bitmask(bits, b * P + j)
-                    if self.left is not None and self.left[b] - j <= self.close_within:
-                        self._steer(bits, b * P + j)
+                    self._steer(bits, b, b * P + j, j)
             if n:
                 m.rollback(n)
         self.xgr.apply_token_bitmask_inplace(logits.view(B * P, V), bits, vocab_size=min(V, self.vocab_size))

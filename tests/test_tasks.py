@@ -1,11 +1,13 @@
 "Invariants and bad input for microlm.tasks: play parsing, task golds, schema checks."
 import json, random
+from dataclasses import replace
 
 import jsonschema
 import pytest
 
+from microlm.config import Run
 from microlm.tasks import (KINDS, SCHEMAS, _corrupt, make_task, moves, numeral, parse_play, play_tasks,
-                           schema_errors, schema_valid)
+                           schema_errors, schema_valid, split_tasks)
 
 def test_numeral_and_parse(play):
     assert [numeral(s) for s in ("XIV", "2", "THIRD", "Who")] == [14, 2, 3, None]
@@ -50,9 +52,6 @@ def test_tasks_are_deterministic_valid_and_fit(play):
 
 def test_heldout_tasks_stay_put_when_training_tasks_grow(smoke_run):
     "More training tasks per play leave the valid/test prompts (what every leaderboard measures) as they were."
-    from dataclasses import replace
-    from microlm.config import Run
-    from microlm.tasks import split_tasks
     cfg = smoke_run.preset.sft_data
     grown = Run(smoke_run.root, replace(smoke_run.preset, sft_data=replace(
         cfg, tasks_per_play=3 * cfg.tasks_per_play, heldout_tasks_per_play=cfg.tasks_per_play)))

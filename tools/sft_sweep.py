@@ -5,7 +5,7 @@
 Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current `sft` stage).
 The others are trained in scratch runs under `runs/sft_sweep/` that share the run's data, tokenizer and pretrained
 weights (hard links), then every SFT model answers the same prompts greedily: 120 held-out *valid*-play prompts
-(what the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). 09_sft renders
+(the plays the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). 09_sft renders
 the table from the JSON; nothing here is typed into prose.
 """
 import argparse, json, os, shutil, sys, time

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .generate import HFCausalLM, SamplingParams, context_length, default_stop_ids, stream_text
+from .generate import HFCausalLM, SamplingParams, context_length, default_stop_ids, special_id, stream_text
 from .inference import fast_model
 from .model import load_model
 from .tokenizer import load_tokenizer
@@ -70,7 +70,7 @@ class ChatSession:
         )
         self.seed, self.sampling = sampling.pop("seed", None), sampling
         self.specials = special_strings(tokenizer)
-        im_start = tokenizer.get_vocab().get("<|im_start|>")
+        im_start = special_id(tokenizer, "<|im_start|>")
         self.stop_ids = default_stop_ids(tokenizer) + ([im_start] if im_start is not None else [])
         self.turns: list[tuple[str, str]] = []  # (user, assistant) pairs, oldest first
         self.dropped, self.n_replies = 0, 0

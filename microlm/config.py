@@ -131,6 +131,9 @@ class TrainConfig:
     shuffle: str = "random"  # training windows: 'random' offsets, or 'epoch' (every window once per pass)
     fit_minutes: float = 0.0  # fit the schedule to this much wall time (0: run `max_steps`); 06_train
     dropout: float = 0.0  # residual dropout in the own model's layers while training (05_model)
+    # fine-tuning batches (09_sft): draw this many batches at once and cut them from the draw sorted by length, so a
+    # batch pads little (transformers' group_by_length); 0: every batch drawn at random
+    length_groups: int = field(default=0, metadata=OPTION)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -142,6 +145,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: decay_frac must be in [0, 1], got {self.decay_frac}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"TrainConfig: dropout must be in [0, 1), got {self.dropout}")
+        if self.length_groups < 0:
+            raise ValueError(f"TrainConfig: length_groups must be >= 0, got {self.length_groups}")
 
 
 @dataclass(frozen=True)

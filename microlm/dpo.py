@@ -255,7 +255,7 @@ class PairBatches(SFTBatches):
         super().__init__(encoded, batch_size, pad_id, seed)
 
     def __call__(self) -> tuple[torch.Tensor, Targets]:
-        sel = [self.encoded[i] for i in torch.randint(len(self.encoded), (self.batch_size,), generator=self.gen)]
+        sel = [self.encoded[i] for i in self.indices()]
         ref = torch.tensor([p["ref_chosen"] for p in sel] + [p["ref_rejected"] for p in sel])
         return pair_batch(sel, self.pad_id, ref)
 

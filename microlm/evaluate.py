@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import Run, atomic_write, save_figure
 from .export import OWN_MODELS, hf_greedy, load_own
-from .generate import context_length, default_stop_ids, generate
+from .generate import context_length, default_stop_ids, generate, special_id
 from .inference import fast_model
 from .model import load_model
 from .sft import encode_chat
@@ -94,7 +94,7 @@ def hf_backend(
     tok = AutoTokenizer.from_pretrained(folder)
     gc = model.generation_config.eos_token_id
     stops = sorted(
-        {*(gc if isinstance(gc, list) else [gc]), tok.eos_token_id, tok.get_vocab().get("<|im_end|>")} - {None}
+        {*(gc if isinstance(gc, list) else [gc]), tok.eos_token_id, special_id(tok, "<|im_end|>")} - {None}
     )
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
 

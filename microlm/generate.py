@@ -15,10 +15,10 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['SamplingParams', 'apply_repetition_penalty', 'apply_top_k', 'apply_top_p', 'process_logits', 'next_token',
            'model_device', 'model_config', 'context_length', 'left_pad', 'choose_tokens', 'accepted_drafts',
-           'forward_last', 'truncate_cache', 'iter_next_tokens', 'Generation', 'visible_text', 'default_stop_ids',
-           'Decoding', 'generate', 'stream_ids', 'holdback', 'stream_text', 'generate_text', 'chat_prompt',
-           'generate_reply', 'grammar_specs', 'compile_grammar', 'closing_tiers', 'Constraint', 'HFCausalLM',
-           'time_generation', 'benchmark_generation']
+           'forward_last', 'truncate_cache', 'iter_next_tokens', 'Generation', 'visible_text', 'special_id',
+           'default_stop_ids', 'Decoding', 'generate', 'stream_ids', 'holdback', 'stream_text', 'generate_text',
+           'chat_prompt', 'generate_reply', 'grammar_specs', 'compile_grammar', 'closing_tiers', 'Constraint',
+           'HFCausalLM', 'time_generation', 'benchmark_generation']
 
 # %% ../nbs/07_generate.ipynb #fd6f8f2e
 @dataclass(frozen=True)
@@ -267,12 +267,17 @@ def visible_text(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def special_id(tokenizer, token: str) -> int | None:
+    "The id of `token` in a Hugging Face tokenizer, or None (without `get_vocab`, which copies the whole vocabulary)."
+    i = tokenizer.convert_tokens_to_ids(token)
+    return None if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token) else i
+
+
 def default_stop_ids(tokenizer) -> list[int]:
     "Where a reply or document ends: the tokenizer's EOS plus `<|im_end|>` and `<|endoftext|>` where it has them."
     if tokenizer is None:
         return []
-    vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
+    ids = {special_id(tokenizer, t) for t in ("<|im_end|>", "<|endoftext|>")} - {None}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)

@@ -14,6 +14,7 @@ import yaml
 
 from .config import Run, atomic_write, seed_everything
 from .fastpath import FastMicroLM
+from .generate import special_id
 from .model import load_model, save_model
 from .stages import stage_body, stage_key
 from .tasks import SCHEMAS, TASKS, schema_hint, split_tasks
@@ -22,8 +23,8 @@ from .train import read_log, train
 
 # %% auto #0
 __all__ = ['chatterbot_dialogues', 'chat_examples', 'load_conversations', 'load_alpaca', 'encode_chat', 'collate',
-           'next_token_xy', 'SFTBatches', 'eval_batches', 'sft_data', 'encode_examples', 'schemas_text', 'write_jsonl',
-           'write_sft_files', 'finetune_data', 'finetune_setup', 'finetune', 'sft_stage']
+           'next_token_xy', 'SFTBatches', 'padded_share', 'eval_batches', 'sft_data', 'encode_examples', 'schemas_text',
+           'write_jsonl', 'write_sft_files', 'finetune_data', 'finetune_setup', 'finetune', 'sft_stage']
 
 # %% ../nbs/09_sft.ipynb #589daae1
 def chatterbot_dialogues(lang: str = "english") -> list[list[str]]:
@@ -133,7 +134,8 @@ def encode_chat(tok, messages: list[dict], max_len: int | None = None) -> dict:
     text = tok.apply_chat_template(messages, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offs = enc["input_ids"], enc["offset_mapping"]
-    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    eot = special_id(tok, "<|im_end|>")
+    eot = tok.eos_token_id if eot is None else eot
     labels = [-100] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -176,21 +178,47 @@ def next_token_xy(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 class SFTBatches:
     "Random batches of encoded examples as (x, y), resumable through `state_dict`."
 
-    def __init__(self, encoded: list[dict], batch_size: int, pad_id: int, seed: int = 0):
+    def __init__(
+        self,
+        encoded: list[dict],
+        batch_size: int,
+        pad_id: int,
+        seed: int = 0,
+        groups: int = 0,  # > 0: draw this many batches at once, cut from the draw sorted by length
+    ):
         if not encoded:
             raise ValueError("SFTBatches: no examples")
-        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
+        self.encoded, self.batch_size, self.pad_id, self.groups = encoded, batch_size, pad_id, groups
         self.gen = torch.Generator().manual_seed(seed)
+        self.queue: list[list[int]] = []  # the batches of the current draw still to serve
+
+    def indices(self) -> list[int]:
+        "The next batch's examples: drawn at random, or the next of a length-sorted draw of `groups` batches."
+        if not self.groups:
+            return torch.randint(len(self.encoded), (self.batch_size,), generator=self.gen).tolist()
+        if not self.queue:
+            ix = torch.randint(len(self.encoded), (self.batch_size * self.groups,), generator=self.gen).tolist()
+            ix.sort(key=lambda i: len(self.encoded[i]["input_ids"]))
+            cut = [ix[j : j + self.batch_size] for j in range(0, len(ix), self.batch_size)]
+            self.queue = [cut[j] for j in torch.randperm(len(cut), generator=self.gen).tolist()]
+        return self.queue.pop()
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = torch.randint(len(self.encoded), (self.batch_size,), generator=self.gen).tolist()
-        return next_token_xy(collate([self.encoded[i] for i in ix], self.pad_id))
+        return next_token_xy(collate([self.encoded[i] for i in self.indices()], self.pad_id))
 
     def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state()}
+        return {"generator": self.gen.get_state(), "queue": [list(b) for b in self.queue]}
 
     def load_state_dict(self, d: dict):
         self.gen.set_state(d["generator"])
+        self.queue = [list(b) for b in d.get("queue", [])]  # checkpoints from before length groups have none
+
+
+def padded_share(encoded: list[dict], batch_size: int, groups: int = 0, n: int = 256, seed: int = 0) -> float:
+    "The share of padding among the positions of `n` batches drawn as `SFTBatches(..., groups=groups)` draws them."
+    s, lens = SFTBatches(encoded, batch_size, 0, seed, groups), [len(e["input_ids"]) for e in encoded]
+    batches = [s.indices() for _ in range(n)]
+    return 1 - sum(lens[i] for b in batches for i in b) / (batch_size * sum(max(lens[i] for i in b) for b in batches))
 
 
 def eval_batches(
@@ -272,7 +300,7 @@ def finetune_data(run: Run, tok, cfg, chats: bool = True) -> tuple[dict, SFTBatc
             f"seq_len or lower max_passage_chars"
         )
     valid = eval_batches(encode_examples(tok, valid_ex, cfg.seq_len), cfg.eval_batches, cfg.batch_size, pad)
-    return data, SFTBatches(train_enc, cfg.batch_size, pad, seed=run.preset.seed + 7), valid
+    return data, SFTBatches(train_enc, cfg.batch_size, pad, run.preset.seed + 7, cfg.length_groups), valid
 
 
 def finetune_setup(run: Run, stage: str, force: bool = False) -> tuple:

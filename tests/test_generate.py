@@ -330,3 +330,13 @@ def test_draft_hook_is_lossless(model, noise):
         for _ in run.steps(): pass
         assert ids_of(run.results) == want
         assert (run.stats["accepted"] == run.stats["drafted"]) != noise and run.stats["forwards"] < 20
+
+
+def test_special_id_agrees_with_the_vocabulary(tok):
+    from transformers import PreTrainedTokenizerFast
+    from microlm.generate import special_id
+    with_unk = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, unk_token="<|endoftext|>")  # as SmolLM2's
+    assert with_unk.convert_tokens_to_ids("<|missing|>") == with_unk.unk_token_id  # the case special_id must see through
+    for t in (tok, with_unk):
+        for s in ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|pad|>", "<|missing|>", "the"):
+            assert special_id(t, s) == t.get_vocab().get(s), s

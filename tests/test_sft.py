@@ -57,3 +57,25 @@ def test_collate_and_batches(tok):
     s2 = SFTBatches(encs, 2, 3, seed=99); s2.load_state_dict(st)
     assert all(torch.equal(u, v) for u, v in zip(s2(), nxt))
     with pytest.raises(ValueError, match="no examples"): SFTBatches([], 2, 3)
+
+def test_length_groups_pad_less_and_resume():
+    encs = [dict(input_ids=[5] * n, labels=[5] * n) for n in torch.randint(3, 60, (50,), generator=torch.Generator().manual_seed(0)).tolist()]
+    width = lambda ix: max(len(encs[i]["input_ids"]) for i in ix)
+    s = SFTBatches(encs, 4, 0, seed=1, groups=8)
+    draw = [s.indices() for _ in range(8)]                                       # one whole draw of 8 batches
+    flat = sorted((i for b in draw for i in b), key=lambda i: len(encs[i]["input_ids"]))
+    assert len(flat) == 32
+    assert sum(map(width, draw)) == sum(width(flat[j:j + 4]) for j in range(0, 32, 4))  # cut from the sorted draw
+    shuffled = torch.randperm(32, generator=torch.Generator().manual_seed(2)).tolist()
+    assert sum(map(width, draw)) < sum(width([flat[k] for k in shuffled[j:j + 4]]) for j in range(0, 32, 4))
+    assert draw != sorted(draw, key=width)                                       # served in random order
+    s.indices(); st = s.state_dict(); nxt = [s() for _ in range(10)]             # resume mid-draw and across draws
+    s2 = SFTBatches(encs, 4, 0, seed=99, groups=8); s2.load_state_dict(st)
+    assert all(torch.equal(u, v) for a, b in zip([s2() for _ in range(10)], nxt) for u, v in zip(a, b))
+    plain = SFTBatches(encs, 4, 0, seed=1)                                       # groups=0: the draws of before
+    g = torch.Generator().manual_seed(1)
+    assert plain.indices() == torch.randint(50, (4,), generator=g).tolist()
+    from microlm.sft import padded_share
+    assert padded_share(encs, 4, 8) < padded_share(encs, 4) and padded_share(encs[:1] * 9, 4) == 0
+    from microlm.config import TrainConfig
+    with pytest.raises(ValueError, match="length_groups"): TrainConfig(length_groups=-1)

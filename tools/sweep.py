@@ -1,0 +1,126 @@
+"""Settings of one fine-tuning stage (`sft` or `rl`) on one run, every model scored on the same prompts.
+
+    .venv/bin/python tools/sweep.py sft runs/small      # -> nbs/results/sft_sweep.json (09_sft; ~10 min a setting)
+    .venv/bin/python tools/sweep.py rl runs/small       # -> nbs/results/rl_sweep.json (12_rl; ~5 min a setting)
+
+Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current stage). The others
+are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and the stages the swept
+stage starts from (hard links), then every model answers the same prompts greedily: 120 held-out *valid*-play prompts
+(the plays the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). For `rl` the
+model it starts from answers them too, so a row's gain is measured on the same prompts. The notebooks render the
+tables from the JSON; nothing here is typed into prose. Scratch runs still current are reused, not retrained.
+"""
+import argparse, json, os, shutil, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from microlm.config import Run, atomic_write, machine  # noqa: E402
+from microlm.dpo import heldout_examples, sample_answers, score_model  # noqa: E402
+from microlm.evaluate import eval_examples  # noqa: E402
+from microlm.model import load_model  # noqa: E402
+from microlm.sft import finetune_data, padded_share  # noqa: E402
+from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
+from microlm.stages import ensure, get_stage, is_current, plan, run_stage  # noqa: E402
+from microlm.tokenizer import load_tokenizer  # noqa: E402
+from microlm.train import read_log  # noqa: E402
+
+SETTINGS = {  # stage -> setting name -> overrides of the run's preset
+    "sft": {
+        "60 tasks/play, 300 steps": {"sft_data": {"tasks_per_play": 60}, "sft": {"max_steps": 300}},
+        "200 tasks/play, 400 steps, lr 2e-3": {"sft": {"max_steps": 400, "lr": 2e-3, "min_lr": 2e-4}},
+        "200 tasks/play, 600 steps (preset)": {},
+        "200 tasks/play, 600 steps, length groups": {"sft": {"length_groups": 64}},
+        "200 tasks/play, 600 steps, length groups of 4": {"sft": {"length_groups": 4}},
+    },
+    "rl": {
+        "30 steps, lr 1e-4 (preset)": {},
+        "60 steps, lr 1e-4": {"rl_train": {"max_steps": 60}},
+        "30 steps, lr 3e-4": {"rl_train": {"lr": 3e-4, "min_lr": 3e-5}},
+    },
+}
+CURVE = {"sft": "val_loss", "rl": "heldout_f1"}  # the log record each row's curve follows
+SUMMARY = {"sft": ("val_loss",), "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary
+KEYS = ("f1", "exact", "parse", "schema_valid")
+
+
+def scratch_run(base: Run, stage: str, name: str, overrides: dict, work: Path) -> Run:
+    "The run whose `stage` is `name`'s setting: `base` for no overrides, else a scratch run (kept if current)."
+    if not overrides:
+        return base
+    d = work / name.replace(" ", "_").replace("/", "-").replace(",", "")
+    preset = apply_overrides(base.preset, overrides)
+    if not ((d / "config.json").exists() and Run(d).preset == preset):
+        run = trial_run(base, d, base.preset.seed, overrides)  # data and tokenizer
+        for s in plan(stage)[:-1]:
+            for out in get_stage(s).outputs:
+                if not (d / out).exists():
+                    ignore = shutil.ignore_patterns("ckpt")
+                    shutil.copytree(base / out, d / out, copy_function=os.link, ignore=ignore)
+            shutil.copy(base / ".stages" / f"{s}.json", d / ".stages" / f"{s}.json")
+        for s in plan(stage)[:-1]:
+            if not is_current(run, s):
+                raise RuntimeError(f"{d}: the shared stage {s!r} is not current there (did the overrides touch it?)")
+    return Run(d)
+
+
+def scores(model, tok, prompts: dict, max_new_tokens: int) -> dict:
+    return {f"{k}_{m}": round(s[m], 4) for k, ex in prompts.items()
+            for s in [score_model(model, tok, ex, max_new_tokens)] for m in KEYS}
+
+
+def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
+    ensure(base, stage)
+    tok, L, n_new = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len, base.preset.eval.max_new_tokens
+    prompts = {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}
+    shown = [e for e in prompts["test"] if e["kind"] == "repair"][:4]  # answers shown beside the gold
+    out = dict(stage=stage, run=str(base.root), preset=base.preset.name, prompts={k: len(v) for k, v in prompts.items()})
+    if stage == "rl":
+        start = get_stage("rl").deps[0]
+        out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new))
+        print(json.dumps(out["start"]), flush=True)
+    rows = []
+    for name, ov in settings.items():
+        run, t0 = scratch_run(base, stage, name, ov, work), time.time()
+        was_current = is_current(run, stage)
+        summary = run_stage(run, stage, log=print, progress=False)
+        marker = json.loads((run / ".stages" / f"{stage}.json").read_text())
+        model = load_model(run / stage)
+        extra = {}
+        if stage == "sft":  # the share of padding in its batches
+            b = finetune_data(run, tok, run.preset.sft)[1]
+            extra["padded_share"] = round(padded_share(b.encoded, b.batch_size, b.groups), 3)
+        answers = [g[0].text for g in sample_answers(model, tok, shown, 1, 0.0, n_new)]
+        rows.append(
+            dict(
+                setting=name,
+                overrides=ov,
+                steps=summary["steps"],
+                **({"train_examples": summary["examples"]["train"]} if "examples" in summary else {}),
+                **{k: summary[k] for k in SUMMARY[stage]},
+                seconds=marker["seconds"],
+                machine=marker.get("machine"),
+                reused=was_current,
+                **extra,
+                **scores(model, tok, prompts, n_new),
+                curve=[(r["step"], r[CURVE[stage]]) for r in read_log(run / stage / "log.jsonl") if CURVE[stage] in r],
+                answers=[dict(prompt=e["messages"][0]["content"], gold=e["messages"][1]["content"], answer=a)
+                         for e, a in zip(shown, answers)],
+            )
+        )
+        print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
+    return dict(out, machine=machine(), rows=rows)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=sorted(SETTINGS))
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--work", type=Path, help="scratch runs (default: runs/STAGE_sweep)")
+    ap.add_argument("--out", type=Path, help="the record (default: nbs/results/STAGE_sweep.json)")
+    a = ap.parse_args()
+    work = a.work or ROOT / "runs" / f"{a.stage}_sweep"
+    res = sweep(Run(a.run), a.stage, SETTINGS[a.stage], work)
+    out = a.out or ROOT / "nbs" / "results" / f"{a.stage}_sweep.json"
+    atomic_write(out, res)
+    print(f"wrote {out}")

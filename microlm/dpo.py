@@ -5,6 +5,7 @@
 # %% ../nbs/11_dpo.ipynb #d8afb39c
 from __future__ import annotations
 import json, random, shutil, tempfile, time
+from difflib import SequenceMatcher
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -18,16 +19,16 @@ from .generate import Generation, chat_prompt, default_stop_ids, generate, model
 from .model import load_model, save_model
 from .sft import SFTBatches, collate, encode_chat, next_token_xy
 from .stages import stage_body, stage_key
-from .tasks import aggregate, score_answer
+from .tasks import aggregate, flatten, parse_json, score_answer
 from .tokenizer import load_tokenizer
 from .train import read_log, train
 
 # %% auto #0
-__all__ = ['DPO_PANELS', 'answer_f1', 'task_reward', 'task_prompts', 'sample_answers', 'sft_tasks', 'heldout_examples',
-           'score_model', 'preference_pairs', 'token_logps', 'dpo_loss', 'dpo_batch_loss', 'trl_dpo_loss', 'Targets',
-           'encode_pair', 'pair_batch', 'PairBatches', 'reference_logps', 'append_log', 'heldout_record',
-           'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'require', 'check_context', 'make_pairs', 'dpo_stage',
-           'stage_results']
+__all__ = ['DPO_PANELS', 'answer_f1', 'partial_f1', 'task_reward', 'task_prompts', 'sample_answers', 'sft_tasks',
+           'heldout_examples', 'score_model', 'preference_pairs', 'token_logps', 'dpo_loss', 'dpo_batch_loss',
+           'trl_dpo_loss', 'Targets', 'encode_pair', 'pair_batch', 'PairBatches', 'reference_logps', 'append_log',
+           'heldout_record', 'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'require', 'check_context',
+           'make_pairs', 'dpo_stage', 'stage_results']
 
 # %% ../nbs/11_dpo.ipynb #ef324b72
 def answer_f1(score: dict) -> float:
@@ -36,14 +37,26 @@ def answer_f1(score: dict) -> float:
     return 2 * score["tp"] / n if n else 0.0
 
 
+def partial_f1(text: str, gold: dict) -> float:
+    "Field F1 with partial credit: a predicted field at a gold field's path counts its string similarity (difflib)."
+    pred, _ = parse_json(text)
+    if pred is None:
+        return 0.0
+    p = dict(flatten(pred)) if isinstance(pred, (dict, list)) else {"": json.dumps(pred)}
+    g = dict(flatten(gold))
+    return 2 * sum(SequenceMatcher(None, p[k], v).ratio() for k, v in g.items() if k in p) / (len(p) + len(g))
+
+
 def task_reward(
     text: str,  # the model's answer
     example: dict,  # a structured task: its `gold` answer and `schema`
     exact_bonus: float = 0.5,  # added for a schema-valid, exact answer
+    partial: float = 0.0,  # weight of `partial_f1` in the F1 term (0: a field counts only when exactly right)
 ) -> float:
     "The verifiable reward of an answer: field F1 against the gold, plus `exact_bonus` when valid and exact."
     s = score_answer(text, example["gold"], example["schema"])
-    return answer_f1(s) + exact_bonus * float(s["exact"] and s["schema_valid"])
+    f1 = answer_f1(s) if not partial else (1 - partial) * answer_f1(s) + partial * partial_f1(text, example["gold"])
+    return f1 + exact_bonus * float(s["exact"] and s["schema_valid"])
 
 # %% ../nbs/11_dpo.ipynb #3e48d207
 def task_prompts(tok, examples: list[dict]) -> list[list[int]]:

@@ -214,7 +214,7 @@ def rl_stage(
     heldout = heldout_examples(run, cfg.eval_prompts, tcfg.seq_len)
     key = stage_key(run, "rl")
     first = cached(out / "start.json", key, lambda: dict(start=score_model(model, tok, heldout, cfg.max_new_tokens)))
-    reward = lambda text, e: task_reward(text, e, cfg.exact_bonus)
+    reward = lambda text, e: task_reward(text, e, cfg.exact_bonus, cfg.partial_credit)
     examples = sft_tasks(run, "train", tcfg.seq_len)
     rollouts = Rollouts(
         model,

@@ -45,6 +45,24 @@ def test_reward_on_hand_made_answers(example, answer, want):
     assert task_reward(answer, example, exact_bonus=0.0) == pytest.approx(min(want, 1.0))
 
 
+def test_partial_credit():
+    "A name closer to the gold earns more; exact answers and no JSON keep 1 and 0; weight 0 is the plain reward."
+    from difflib import SequenceMatcher
+    from microlm.dpo import partial_f1
+    ans = lambda name: '{"speaker":"%s","act":1,"scene":1,"words":2}' % name
+    gold = REPAIR["gold"]
+    assert partial_f1(ans("Ber"), gold) == 1.0 and partial_f1("no JSON", gold) == 0.0
+    assert partial_f1(ans("Xyz"), gold) < partial_f1(ans("Bex"), gold) < 1.0
+    assert partial_f1(ans("Bex"), gold) == pytest.approx((3 + SequenceMatcher(None, '"Bex"', '"Ber"').ratio()) / 4)
+    assert partial_f1('{"speaker":"Bex"}', gold) == pytest.approx(2 * 0.8 / 5)  # one of four gold fields, 0.8 alike
+    assert task_reward(ans("Ber"), REPAIR, partial=1.0) == 1.5                    # exact: F1 1 + bonus either way
+    half = task_reward(ans("Bex"), REPAIR, partial=0.5)
+    assert half == pytest.approx(0.5 * 0.75 + 0.5 * partial_f1(ans("Bex"), gold))
+    assert task_reward(ans("Bex"), REPAIR, partial=0.0) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="partial_credit"):
+        RLConfig(partial_credit=1.5)
+
+
 @pytest.mark.parametrize("value,error,match", [
     (True, TypeError, "got bool"), ({"f1": 1.0}, TypeError, "got dict"), (None, TypeError, "got NoneType"),
     ("1.0", TypeError, "got str"), (torch.tensor(1.0), TypeError, r"\.item\(\)"),

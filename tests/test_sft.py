@@ -59,7 +59,8 @@ def test_collate_and_batches(tok):
     with pytest.raises(ValueError, match="no examples"): SFTBatches([], 2, 3)
 
 def test_length_groups_pad_less_and_resume():
-    encs = [dict(input_ids=[5] * n, labels=[5] * n) for n in torch.randint(3, 60, (50,), generator=torch.Generator().manual_seed(0)).tolist()]
+    lens = torch.randint(3, 60, (50,), generator=torch.Generator().manual_seed(0)).tolist()
+    encs = [dict(input_ids=[5] * n, labels=[5] * n) for n in lens]
     width = lambda ix: max(len(encs[i]["input_ids"]) for i in ix)
     s = SFTBatches(encs, 4, 0, seed=1, groups=8)
     draw = [s.indices() for _ in range(8)]                                       # one whole draw of 8 batches

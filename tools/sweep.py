@@ -37,6 +37,7 @@ SETTINGS = {  # stage -> setting name -> overrides of the run's preset
         "30 steps, lr 1e-4 (preset)": {},
         "60 steps, lr 1e-4": {"rl_train": {"max_steps": 60}},
         "30 steps, lr 3e-4": {"rl_train": {"lr": 3e-4, "min_lr": 3e-5}},
+        "30 steps, partial credit 0.5": {"rl": {"partial_credit": 0.5}},
     },
 }
 CURVE = {"sft": "val_loss", "rl": "heldout_f1"}  # the log record each row's curve follows
@@ -74,7 +75,8 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     tok, L, n_new = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len, base.preset.eval.max_new_tokens
     prompts = {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}
     shown = [e for e in prompts["test"] if e["kind"] == "repair"][:4]  # answers shown beside the gold
-    out = dict(stage=stage, run=str(base.root), preset=base.preset.name, prompts={k: len(v) for k, v in prompts.items()})
+    out = dict(stage=stage, run=str(base.root), preset=base.preset.name)
+    out["prompts"] = {k: len(v) for k, v in prompts.items()}
     if stage == "rl":
         start = get_stage("rl").deps[0]
         out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new))

@@ -25,11 +25,11 @@ from .speedrun import matmul_params
 from .train import pretrain_model
 
 # %% auto #0
-__all__ = ['PROJECTIONS', 'STEP_TOKENS', 'STEP_SIZES', 'COMPILED_STEP', 'VLLM_DECODE', 'rope_pairs', 'rotate_pairs', 'swiglu',
-           'FastLM', 'fast_forward', 'decode_layers', 'step_size', 'decode_step', 'fast_model', 'lookup_continuation',
-           'PromptLookup', 'DraftModel', 'draft_stage', 'load_draft', 'structured_prompts', 'speculative_benchmark',
-           'memory_bandwidth', 'weight_bytes', 'load_avg', 'time_decode', 'time_transformers', 'decode_benchmark',
-           'vllm_decode', 'inference_benchmark', 'main']
+__all__ = ['PROJECTIONS', 'WRITTEN_ROWS', 'STEP_TOKENS', 'STEP_SIZES', 'STEP_OPTIONS', 'COMPILED_STEP', 'VLLM_DECODE',
+           'rope_pairs', 'rotate_pairs', 'linear', 'swiglu', 'FastLM', 'fast_forward', 'decode_layers', 'step_size',
+           'decode_step', 'fast_model', 'lookup_continuation', 'PromptLookup', 'DraftModel', 'draft_stage',
+           'load_draft', 'structured_prompts', 'speculative_benchmark', 'memory_bandwidth', 'weight_bytes', 'load_avg',
+           'time_decode', 'time_transformers', 'decode_benchmark', 'vllm_decode', 'inference_benchmark', 'main']
 
 # %% ../nbs/13_inference.ipynb #5a6e9cf0
 def rope_pairs(head_dim: int) -> torch.Tensor:
@@ -47,19 +47,31 @@ def rotate_pairs(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return torch.stack((re * cos - im * sin, re * sin + im * cos), -1).flatten(-2)
 
 
-def swiglu(x: torch.Tensor, norm: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, eps: float) -> torch.Tensor:
-    "x + SwiGLU(rms_norm(x)), gate and up in one (in, 2·out) matmul; x is (N, C)."
-    g, u = torch.mm(F.rms_norm(x, (x.size(-1),), norm, eps), gate_up).chunk(2, 1)
-    return torch.addmm(x, F.silu(g).mul_(u), down)
+WRITTEN_ROWS = 8  # up to this many rows, the compiled step writes its matrix products out as dot products
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, rows: int = 0) -> torch.Tensor:
+    "x (N, in) times w (out, in) transposed. Compiled with N <= `rows`: a dot product per output row; else BLAS."
+    if torch.compiler.is_compiling() and x.size(0) <= rows:
+        # one fused loop over w's rows, N sums each: every weight is read once, from a contiguous row
+        return torch.stack([(row * w).sum(1) for row in x])
+    return F.linear(x, w)
+
+
+def swiglu(x: torch.Tensor, norm: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, eps: float, rows: int = 0):
+    "x + SwiGLU(rms_norm(x)), gate and up in one (2·hidden, C) matrix; x is (N, C); `rows` as in `linear`."
+    g, u = linear(F.rms_norm(x, (x.size(-1),), norm, eps), gate_up, rows).chunk(2, 1)
+    return x + linear(F.silu(g).mul_(u), down, rows)
 
 
 class FastLM(nn.Module):
-    "`MicroLM` laid out for CPU decoding: fused, pre-transposed weights, RoPE on paired rows; the same tokens."
+    "`MicroLM` laid out for CPU decoding: fused weights, RoPE on paired rows, a compiled step; the same tokens."
 
     def __init__(
         self,
         model: MicroLM,
         compile: bool = True,  # compile the cached step (`decode_layers`) with `torch.compile`; False: eager
+        written_rows: int = WRITTEN_ROWS,  # compiled steps of up to this many rows write their products out (0: BLAS)
     ):
         super().__init__()
         cfg = self.cfg = model.cfg
@@ -73,7 +85,7 @@ class FastLM(nn.Module):
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         pairs = rope_pairs(hd)
         qk = lambda w, heads: w.view(heads, hd, -1)[:, pairs].reshape(heads * hd, -1)  # q·k is unchanged
-        t = lambda *ws: torch.cat(ws).t().contiguous()  # (in, out): `x @ w` reads the weights row after row
+        t = lambda *ws: torch.cat(ws).contiguous()  # (out, in) as in nn.Linear: each output's weights in one row
         with torch.no_grad():
             for i, layer in enumerate(model.model.layers):
                 a, f = layer.self_attn, layer.mlp
@@ -89,7 +101,8 @@ class FastLM(nn.Module):
                     self.register_buffer(f"l{i}_{k}", w, persistent=False)
             self.register_buffer("embed", model.model.embed_tokens.weight.detach().clone(), persistent=False)
             self.register_buffer("norm", model.model.norm.weight.detach().clone(), persistent=False)
-            self.register_buffer("head", t(model.lm_head.weight), persistent=False)
+            tied = model.lm_head.weight is model.model.embed_tokens.weight
+            self.register_buffer("head", self.embed if tied else t(model.lm_head.weight), persistent=False)
             angles = (
                 torch.arange(cfg.max_position_embeddings).float()[:, None] * model._inv_freq().float()
             )  # (ctx, hd/2)
@@ -97,7 +110,7 @@ class FastLM(nn.Module):
             ctx = torch.arange(cfg.max_position_embeddings)
             self.register_buffer("positions", ctx, persistent=False)
             self.register_buffer("upto", ctx[None] <= ctx[:, None], persistent=False)  # (ctx, ctx) causal
-        self.names = list(ws)
+        self.names, self.written_rows = list(ws), written_rows
         self._collect()
         self.step = COMPILED_STEP if compile else decode_layers
 
@@ -142,7 +155,7 @@ def fast_forward(
     x = F.embedding(input_ids, fm.embed).view(B * T, C)
     nq = (nh + nkv) * hd
     for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(fm.layers):
-        qk, v = torch.mm(F.rms_norm(x, (C,), n1, cfg.rms_norm_eps), wqkv).split((nq, nkv * hd), 1)
+        qk, v = linear(F.rms_norm(x, (C,), n1, cfg.rms_norm_eps), wqkv).split((nq, nkv * hd), 1)
         qk = rotate_pairs(qk.view(B, T, nh + nkv, hd), rot)  # q and k rotated
         q, k = qk.transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
@@ -151,11 +164,11 @@ def fast_forward(
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and past == 0, enable_gqa=nkv != nh
         )
-        x = swiglu(torch.addmm(x, y.transpose(1, 2).reshape(B * T, nh * hd), wo), n2, wgu, wd, cfg.rms_norm_eps)
+        x = swiglu(x + linear(y.transpose(1, 2).reshape(B * T, nh * hd), wo), n2, wgu, wd, cfg.rms_norm_eps)
     if cache is not None:
         cache.length += T
     x = x.view(B, T, C)[:, -logits_to_keep:] if logits_to_keep else x.view(B, T, C)
-    return ModelOutput(torch.matmul(F.rms_norm(x, (C,), fm.norm, cfg.rms_norm_eps), fm.head), None)
+    return ModelOutput(F.linear(F.rms_norm(x, (C,), fm.norm, cfg.rms_norm_eps), fm.head), None)
 
 # %% ../nbs/13_inference.ipynb #17b339f8
 def decode_layers(
@@ -171,6 +184,7 @@ def decode_layers(
     head: torch.Tensor,
     heads: tuple,  # (query heads, key-value heads, head size)
     eps: float,
+    rows: int = 0,  # up to this many rows (B·T), products are written out (`linear`)
 ) -> torch.Tensor:
     "New tokens through every layer on the static cache, B·T ids -> (B, T, V) logits: shapes fixed, so it compiles."
     (nh, nkv, hd), T = heads, at.size(0)
@@ -178,21 +192,23 @@ def decode_layers(
     nq, C = (nh + nkv) * hd, embed.size(1)
     x = F.embedding(ids, embed)  # (B·T, C)
     for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(layers):
-        qk, v = torch.mm(F.rms_norm(x, (C,), n1, eps), wqkv).split((nq, nkv * hd), 1)
+        qk, v = linear(F.rms_norm(x, (C,), n1, eps), wqkv, rows).split((nq, nkv * hd), 1)
         qk = rotate_pairs(qk.view(B, T, nh + nkv, hd), rot)  # real arithmetic: a compiler fuses it
         q, k = qk.transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
         ks[i].index_copy_(2, at, k)
         vs[i].index_copy_(2, at, v.view(B, T, nkv, hd).transpose(1, 2))
         y = F.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=seen, enable_gqa=nkv != nh)
-        x = swiglu(torch.addmm(x, y.transpose(1, 2).reshape(B * T, nh * hd), wo), n2, wgu, wd, eps)
-    return torch.mm(F.rms_norm(x, (C,), norm, eps), head).view(B, T, -1)
+        x = swiglu(x + linear(y.transpose(1, 2).reshape(B * T, nh * hd), wo, rows), n2, wgu, wd, eps, rows)
+    return linear(F.rms_norm(x, (C,), norm, eps), head, rows).view(B, T, -1)
 
 
 STEP_TOKENS = 8  # new tokens per row up to which a cached forward takes the fixed-shape step (longer: a prompt)
 STEP_SIZES = (1, 4, 8)  # the token counts it is compiled for: a check of k drafts is padded up to the next one
 # one compiled program per batch size, token count and padding (its kernels are cached on disk); `cpp_wrapper` calls
-# the kernels from C++, which removes most of the per-operation Python cost that remains
-COMPILED_STEP = torch.compile(decode_layers, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+# the kernels from C++, which removes most of the per-operation Python cost that remains; `realize_reads_threshold`
+# 1 stores each normalised row once, where the compiler would otherwise recompute it inside every dot product
+STEP_OPTIONS = {"cpp_wrapper": True, "realize_reads_threshold": 1}
+COMPILED_STEP = torch.compile(decode_layers, fullgraph=True, dynamic=False, options=STEP_OPTIONS)
 # dynamo keeps 8 programs per function by default, then runs it eagerly: batch sizes x token counts need more
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
@@ -220,16 +236,16 @@ def decode_step(
     # flat, freshly laid out ids: a slice of the text has the text's strides, which would make a new program each step
     flat = ids.reshape(-1).clone(memory_format=torch.contiguous_format)
     args = (flat, seen, rot, at, fm.layers, cache.k, cache.v, fm.embed, fm.norm, fm.head)
-    heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    fixed = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim), cfg.rms_norm_eps, fm.written_rows
     step = fm.step if n in STEP_SIZES else decode_layers  # at the context's end, unpadded: eager (rare, no compile)
     try:
-        logits = step(*args, heads, cfg.rms_norm_eps)
+        logits = step(*args, *fixed)
     except torch._dynamo.exc.FailOnRecompileLimitHit:  # too many shapes in this process: this one runs eagerly
-        logits = decode_layers(*args, heads, cfg.rms_norm_eps)
+        logits = decode_layers(*args, *fixed)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler: the same step, eager from now on
         warnings.warn(f"torch.compile failed, decoding eagerly: {str(e).splitlines()[0]}")
         fm.step = decode_layers
-        logits = fm.step(*args, heads, cfg.rms_norm_eps)
+        logits = fm.step(*args, *fixed)
     cache.length += T  # the padding's keys lie past the end: the next step overwrites them before anyone reads them
     return logits[:, :T]
 
@@ -497,23 +513,22 @@ def decode_benchmark(
     prompt_len: int = 16,
     new: int = 240,
     reps: int = 3,
-    engines: Sequence[str] = ("eager", "fast", "transformers"),
+    engines: Sequence[str] = ("eager", "fast", "transformers"),  # and "fast, BLAS": the fast path, products by BLAS
     seed: int = 0,
 ) -> list[dict]:
     "Prefill and decode tokens/s per engine and batch size on random prompts, beside the roofline at the bandwidth."
-    bw, W, fast = memory_bandwidth(), weight_bytes(model), FastLM(model)
+    bw, W = memory_bandwidth(), weight_bytes(model)
+    own = {"eager": model, "fast": FastLM(model), "fast, BLAS": FastLM(model, written_rows=0)}
     g = torch.Generator().manual_seed(seed)
     rows = []
     for B in batch_sizes:
         prompts = torch.randint(0, model.cfg.vocab_size, (B, prompt_len), generator=g).tolist()
         ids = {}
         for e in engines:
-            m = {"eager": model, "fast": fast}.get(e)
-            r = (
-                time_transformers(model, prompts, new, reps)
-                if e == "transformers"
-                else time_decode(m, prompts, new, reps)
-            )
+            if e == "transformers":
+                r = time_transformers(model, prompts, new, reps)
+            else:
+                r = time_decode(own[e], prompts, new, reps)
             ids[e] = r.pop("ids", None)
             roof = B * bw * 1e9 / W  # tokens/s if every step only had to read the weights once
             rows.append(
@@ -618,7 +633,8 @@ def inference_benchmark(
     tok, target = load_tokenizer(run / "tokenizer"), load_model(run / "sft").eval()
     ps = structured_prompts(run, prompts)
     out = dict(preset=run.preset.name, threads=torch.get_num_threads(), load_before=load_avg())
-    out["decode"] = decode_benchmark(arch, batch_sizes, 16, min(new, arch.cfg.max_position_embeddings - 16), reps)
+    engines, new = ("eager", "fast", "fast, BLAS", "transformers"), min(new, arch.cfg.max_position_embeddings - 16)
+    out["decode"] = decode_benchmark(arch, batch_sizes, 16, new, reps, engines)
     out["speculative"] = speculative_benchmark(target, tok, ps, load_model(run / "draft").eval(), reps=max(1, reps - 1))
     if vllm:
         spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2}

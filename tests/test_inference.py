@@ -10,8 +10,8 @@ from torch._dynamo.utils import counters
 
 from microlm.config import SMALL, SMOKE, Run
 from microlm.generate import Decoding, chat_prompt, default_stop_ids, generate
-from microlm.inference import (DraftModel, FastLM, PromptLookup, draft_stage, load_draft, lookup_continuation,
-                               structured_prompts, time_decode)
+from microlm.inference import (STEP_OPTIONS, DraftModel, FastLM, PromptLookup, draft_stage, linear, load_draft,
+                               lookup_continuation, structured_prompts, time_decode)
 from microlm.model import MicroLM, load_model
 from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, session_pids
 from microlm.stages import ensure
@@ -61,9 +61,9 @@ def run(smoke_run):
 
 # --- the fast path -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("compile", [False, True], ids=["layout", "compiled"])
-def test_fast_equals_eager(model, compile):
-    fast = FastLM(model, compile=compile)
+@pytest.mark.parametrize("compile,rows", [(False, 8), (True, 8), (True, 0)], ids=["layout", "compiled", "blas"])
+def test_fast_equals_eager(model, compile, rows):
+    fast = FastLM(model, compile=compile, written_rows=rows)
     want = ids_of(generate(model, PROMPTS, 60))
     assert all(len(set(w)) > 10 for w in want)  # varied output: equality below means something
     assert ids_of(generate(fast, PROMPTS, 60)) == want  # batched, left padding
@@ -73,6 +73,26 @@ def test_fast_equals_eager(model, compile):
     with torch.no_grad():
         assert torch.allclose(fast(x).logits, model(x).logits, atol=1e-4, rtol=1e-5)
     assert fast.compiled == compile  # the compiled step really ran: no silent fall-back to eager
+
+
+def test_written_out_products_equal_blas():
+    "`linear` compiled: dot products per weight row up to `rows` rows, BLAS above; both are x @ w.T to rounding."
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=g)
+    compiled = torch.compile(linear, fullgraph=True, dynamic=False, options=STEP_OPTIONS)
+    graphs = []
+
+    def record(gm, inputs):  # the traced graph's calls, to see which way each product went
+        graphs.append({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes})
+        return gm.forward
+
+    for n in (1, 3, 5):
+        x = torch.randn(n, 24, generator=g)
+        got = compiled(x, w, 4)
+        assert got.shape == (n, 40) and torch.allclose(got, x @ w.t(), atol=1e-5, rtol=1e-5)
+        torch.compile(linear, backend=record, fullgraph=True, dynamic=False)(x, w, 4)
+        assert ("linear" in graphs[-1]) == (n > 4) and ("sum" in graphs[-1]) == (n <= 4)
+    assert torch.equal(linear(x, w, 8), torch.nn.functional.linear(x, w))  # not compiling: BLAS
 
 
 def test_compiled_step_compiles_once_per_shape(model):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 __all__ = ['SamplingParams', 'apply_repetition_penalty', 'apply_top_k', 'apply_top_p', 'process_logits', 'next_token',
            'model_device', 'model_config', 'context_length', 'left_pad', 'choose_tokens', 'accepted_drafts',
            'forward_last', 'truncate_cache', 'iter_next_tokens', 'Generation', 'visible_text', 'special_id',
-           'default_stop_ids', 'Decoding', 'generate', 'stream_ids', 'holdback', 'stream_text', 'generate_text',
-           'chat_prompt', 'generate_reply', 'grammar_specs', 'compile_grammar', 'closing_tiers', 'Constraint',
-           'HFCausalLM', 'time_generation', 'benchmark_generation']
+           'end_of_turn_id', 'default_stop_ids', 'Decoding', 'generate', 'stream_ids', 'holdback', 'stream_text',
+           'generate_text', 'chat_prompt', 'generate_reply', 'grammar_specs', 'compile_grammar', 'closing_tiers',
+           'Constraint', 'HFCausalLM', 'time_generation', 'benchmark_generation']
 
 # %% ../nbs/07_generate.ipynb #fd6f8f2e
 @dataclass(frozen=True)
@@ -271,6 +271,12 @@ def special_id(tokenizer, token: str) -> int | None:
     "The id of `token` in a Hugging Face tokenizer, or None (without `get_vocab`, which copies the whole vocabulary)."
     i = tokenizer.convert_tokens_to_ids(token)
     return None if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token) else i
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    "The token that closes an assistant turn in the chat template: `<|im_end|>` where the tokenizer has it, else EOS."
+    i = special_id(tokenizer, "<|im_end|>")
+    return tokenizer.eos_token_id if i is None else i
 
 
 def default_stop_ids(tokenizer) -> list[int]:

@@ -27,7 +27,7 @@ from microlm.dpo import (
     token_logps,
     watcher,
 )
-from .generate import model_device, special_id
+from .generate import end_of_turn_id, model_device
 from .model import load_model
 from .sft import collate, next_token_xy
 from .stages import get_stage, stage_body, stage_key
@@ -104,8 +104,7 @@ class Rollouts:
         self.batch_size, self.reward_fn, self.dtype = batch_size, reward_fn, dtype
         self.gen = torch.Generator().manual_seed(seed)
         self.batch, self.uses, self.stats = None, 0, {}
-        self.eot = special_id(tok, "<|im_end|>")
-        self.eot = tok.eos_token_id if self.eot is None else self.eot
+        self.eot = end_of_turn_id(tok)
 
     def rewards(self, examples: list[dict], gens: list[list]) -> torch.Tensor:
         "The checked reward of every answer: (G, k)."

@@ -14,7 +14,7 @@ import yaml
 
 from .config import Run, atomic_write, seed_everything
 from .fastpath import FastMicroLM
-from .generate import special_id
+from .generate import end_of_turn_id
 from .model import load_model, save_model
 from .stages import stage_body, stage_key
 from .tasks import SCHEMAS, TASKS, schema_hint, split_tasks
@@ -134,8 +134,7 @@ def encode_chat(tok, messages: list[dict], max_len: int | None = None) -> dict:
     text = tok.apply_chat_template(messages, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offs = enc["input_ids"], enc["offset_mapping"]
-    eot = special_id(tok, "<|im_end|>")
-    eot = tok.eos_token_id if eot is None else eot
+    eot = end_of_turn_id(tok)
     labels = [-100] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":

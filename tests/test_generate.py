@@ -340,3 +340,12 @@ def test_special_id_agrees_with_the_vocabulary(tok):
     for t in (tok, with_unk):
         for s in ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|pad|>", "<|missing|>", "the"):
             assert special_id(t, s) == t.get_vocab().get(s), s
+
+
+def test_end_of_turn_id(tok):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from microlm.generate import end_of_turn_id
+    assert end_of_turn_id(tok) == tok.get_vocab()["<|im_end|>"]  # ChatML's end of turn
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<eos>": 1})), eos_token="<eos>")
+    assert end_of_turn_id(plain) == 1  # no <|im_end|>: the turn ends with EOS

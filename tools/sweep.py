@@ -38,6 +38,7 @@ SETTINGS = {  # stage -> setting name -> overrides of the run's preset
         "60 steps, lr 1e-4": {"rl_train": {"max_steps": 60}},
         "30 steps, lr 3e-4": {"rl_train": {"lr": 3e-4, "min_lr": 3e-5}},
         "30 steps, partial credit 0.5": {"rl": {"partial_credit": 0.5}},
+        "30 steps, exact bonus 2": {"rl": {"exact_bonus": 2.0}},
     },
 }
 CURVE = {"sft": "val_loss", "rl": "heldout_f1"}  # the log record each row's curve follows

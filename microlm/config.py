@@ -321,6 +321,11 @@ class Preset:
     draft_train: TrainConfig = TrainConfig(
         max_steps=400, eval_every=100, eval_batches=5, ckpt_every=200, optimizer="muon"
     )
+    # then fine-tuned on the SFT stage's data, so that it guesses answers in the chat format (0 steps: not at all)
+    draft_sft: TrainConfig = TrainConfig(
+        batch_size=16, seq_len=256, max_steps=600, lr=1e-3, min_lr=1e-4, warmup_steps=30, eval_every=200,
+        eval_batches=5, ckpt_every=200,
+    )
     # 200 tasks per training play and 600 steps: past the point where the model starts copying from its prompt
     # (09_sft); the held-out plays keep 60 each, the prompts every leaderboard is measured on
     sft_data: SFTDataConfig = SFTDataConfig(tasks_per_play=200, heldout_tasks_per_play=60)
@@ -437,6 +442,9 @@ SMOKE = Preset(
         max_position_embeddings=128,
     ),
     draft_train=TrainConfig(
+        batch_size=8, seq_len=128, max_steps=10, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10
+    ),
+    draft_sft=TrainConfig(
         batch_size=8, seq_len=128, max_steps=10, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10
     ),
     sft_data=SFTDataConfig(tasks_per_play=8, chat_samples=100, eval_prompts=16),

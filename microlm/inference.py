@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_inference.ipynb #94a5966f
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, tempfile, time, warnings
+import argparse, json, os, shutil, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .config import Run, save_results
+from .config import Run, save_results, seed_everything
+from .fastpath import FastMicroLM
 from .generate import Decoding, chat_prompt, context_length, default_stop_ids, forward_last, generate, left_pad
 from .generate import model_config, truncate_cache
-from .model import KVCache, MicroLM, ModelOutput, load_model, positions_and_mask, to_hf_config
+from .model import KVCache, MicroLM, ModelOutput, load_model, positions_and_mask, save_model, to_hf_config
+from .sft import finetune, finetune_data
 from .stages import ensure, stage_body
 from .tasks import split_tasks
 from .tokenizer import load_tokenizer
@@ -28,8 +30,9 @@ from .train import pretrain_model
 __all__ = ['PROJECTIONS', 'WRITTEN_ROWS', 'STEP_TOKENS', 'STEP_SIZES', 'STEP_OPTIONS', 'COMPILED_STEP', 'VLLM_DECODE',
            'rope_pairs', 'rotate_pairs', 'linear', 'swiglu', 'FastLM', 'fast_forward', 'decode_layers', 'step_size',
            'decode_step', 'fast_model', 'lookup_continuation', 'PromptLookup', 'DraftModel', 'draft_stage',
-           'load_draft', 'structured_prompts', 'speculative_benchmark', 'memory_bandwidth', 'weight_bytes', 'load_avg',
-           'time_decode', 'time_transformers', 'decode_benchmark', 'vllm_decode', 'inference_benchmark', 'main']
+           'draft_folder', 'load_draft', 'structured_prompts', 'speculative_benchmark', 'memory_bandwidth',
+           'weight_bytes', 'load_avg', 'time_decode', 'time_transformers', 'decode_benchmark', 'vllm_decode',
+           'inference_benchmark', 'main']
 
 # %% ../nbs/13_inference.ipynb #5a6e9cf0
 def rope_pairs(head_dim: int) -> torch.Tensor:
@@ -357,12 +360,28 @@ def draft_stage(run: Run, force: bool = False, log_every: int = 10, progress: bo
         raise ValueError(
             f"draft: vocab_size={p.draft.vocab_size} but the model's is {p.model.vocab_size}: they share a tokenizer"
         )
-    return pretrain_model(run, "draft", p.draft, p.draft_train, force, log_every=log_every, progress=progress)
+    s = pretrain_model(run, "draft", p.draft, p.draft_train, force, log_every=log_every, progress=progress)
+    if not p.draft_sft.max_steps:
+        return s
+    out = draft_folder(run)  # the SFT stage's data and loop, on the pretrained draft
+    if force:
+        shutil.rmtree(out / "ckpt", ignore_errors=True)
+    _, batches, valid = finetune_data(run, load_tokenizer(run / "tokenizer"), p.draft_sft)
+    seed_everything(p.seed)
+    model = load_model(run / "draft", cls=FastMicroLM)
+    t = finetune(run, "draft", model, p.draft_sft, out, batches, valid, log_every, progress)
+    save_model(model, out)
+    return dict(s, chat={k: t[k] for k in ("steps", "loss", "val_loss")})
 
 
-def load_draft(run: Run, k: int = 4, fast: bool = True) -> DraftModel:
+def draft_folder(run: Run) -> Path:
+    "The run's draft weights: draft/chat, fine-tuned on the SFT data (when `draft_sft.max_steps` > 0), else draft/."
+    return run / "draft" / "chat" if run.preset.draft_sft.max_steps else run / "draft"
+
+
+def load_draft(run: Run, k: int = 3, fast: bool = True) -> DraftModel:
     "The run's trained draft model as a proposer (on the fast path by default), with the run's tokenizer."
-    folder = run / "draft"
+    folder = draft_folder(run)
     if not (folder / "model.safetensors").exists():
         raise FileNotFoundError(
             f"{folder / 'model.safetensors'} not found: run the draft stage first (microlm draft --run {run.root})"
@@ -385,7 +404,7 @@ def speculative_benchmark(
     draft: MicroLM | None = None,  # a draft model on the same tokenizer (None: prompt lookup only)
     new: int = 160,
     k_lookup: int = 3,
-    k_draft: int = 4,
+    k_draft: int = 3,  # a check of k + 1 tokens: 4 is a compiled step size (STEP_SIZES), 5 would pad to 8
     reps: int = 2,
     eager: bool = True,  # also the eager engine, plain and speculative (False: the fast path's rows only)
 ) -> list[dict]:
@@ -635,7 +654,8 @@ def inference_benchmark(
     out = dict(preset=run.preset.name, threads=torch.get_num_threads(), load_before=load_avg())
     engines, new = ("eager", "fast", "fast, BLAS", "transformers"), min(new, arch.cfg.max_position_embeddings - 16)
     out["decode"] = decode_benchmark(arch, batch_sizes, 16, new, reps, engines)
-    out["speculative"] = speculative_benchmark(target, tok, ps, load_model(run / "draft").eval(), reps=max(1, reps - 1))
+    draft = load_model(draft_folder(run)).eval()
+    out["speculative"] = speculative_benchmark(target, tok, ps, draft, reps=max(1, reps - 1))
     if vllm:
         spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
         rows = []

@@ -65,11 +65,11 @@ STAGES = {
         Stage(
             "draft",
             ("tokenizer",),
-            ("draft", "draft_train"),
+            ("draft", "draft_train", "sft_data", "draft_sft"),
             ("draft",),
             "microlm.inference:draft_stage",
             "Draft model",
-            "pretrain the small draft model that proposes tokens for speculative decoding",
+            "pretrain the small draft model of speculative decoding, then fine-tune it on the SFT data",
         ),
         Stage(
             "sft",

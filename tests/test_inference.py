@@ -10,13 +10,14 @@ from torch._dynamo.utils import counters
 
 from microlm.config import SMALL, SMOKE, Run
 from microlm.generate import Decoding, chat_prompt, default_stop_ids, generate
-from microlm.inference import (STEP_OPTIONS, DraftModel, FastLM, PromptLookup, draft_stage, linear, load_draft,
-                               lookup_continuation, structured_prompts, time_decode)
+from microlm.inference import (STEP_OPTIONS, DraftModel, FastLM, PromptLookup, draft_folder, draft_stage, linear,
+                               load_draft, lookup_continuation, structured_prompts, time_decode)
 from microlm.model import MicroLM, load_model
 from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, session_pids
 from microlm.stages import ensure
 from microlm.tasks import SCHEMAS, schema_errors, split_tasks
 from microlm.tokenizer import load_tokenizer, to_hf, train_bpe
+from microlm.train import read_log
 from microlm.verify import bounded_schema
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33, 34]]
@@ -207,6 +208,15 @@ def test_constrained_fast_and_speculative(model):
 def test_draft_stage(run):
     d = load_draft(run, k=3)
     assert d.model.cfg == run.preset.draft and (run / "draft" / "log.jsonl").exists()
+    chat = draft_folder(run)  # fine-tuned on the SFT data, from the pretrained draft
+    assert chat == run / "draft" / "chat" and len(read_log(chat / "log.jsonl")) > 0
+    pre, tuned = load_model(run / "draft"), load_model(chat)
+    loaded = load_draft(run, fast=False).model.state_dict()  # the proposer is the fine-tuned draft
+    want = tuned.state_dict()
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], v) for k, v in want.items())
+    assert not torch.equal(pre.lm_head.weight, tuned.lm_head.weight)
+    assert draft_folder(Run(run.root, replace(run.preset, draft_sft=replace(run.preset.draft_sft, max_steps=0)))) == \
+        run / "draft"
     bad = Run(run.root, replace(run.preset, draft=replace(run.preset.draft, vocab_size=512)))
     with pytest.raises(ValueError, match="vocab_size"): draft_stage(bad, log=lambda line: None)
 

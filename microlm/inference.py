@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_inference.ipynb #94a5966f
 from __future__ import annotations
-import argparse, json, os, shutil, subprocess, sys, tempfile, time, warnings
+import argparse, json, os, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .config import Run, save_results, seed_everything
-from .fastpath import FastMicroLM
+from .config import Run, save_results
 from .generate import Decoding, chat_prompt, context_length, default_stop_ids, forward_last, generate, left_pad
 from .generate import model_config, truncate_cache
 from .model import KVCache, MicroLM, ModelOutput, load_model, positions_and_mask, save_model, to_hf_config
-from .sft import finetune, finetune_data
+from .sft import finetune, finetune_setup
 from .stages import ensure, stage_body
 from .tasks import split_tasks
 from .tokenizer import load_tokenizer
@@ -354,7 +353,7 @@ class DraftModel:
 # %% ../nbs/13_inference.ipynb #298284e7
 @stage_body("draft")
 def draft_stage(run: Run, force: bool = False, log_every: int = 10, progress: bool = True) -> dict:
-    "Pretrain the draft model `run.preset.draft` on the run's tokens, as the pretrain stage does; writes run/'draft'."
+    "Pretrain `run.preset.draft` like the pretrain stage, then fine-tune it on the SFT data; writes run/'draft'."
     p = run.preset
     if p.draft.vocab_size != p.model.vocab_size:
         raise ValueError(
@@ -363,13 +362,10 @@ def draft_stage(run: Run, force: bool = False, log_every: int = 10, progress: bo
     s = pretrain_model(run, "draft", p.draft, p.draft_train, force, log_every=log_every, progress=progress)
     if not p.draft_sft.max_steps:
         return s
-    out = draft_folder(run)  # the SFT stage's data and loop, on the pretrained draft
-    if force:
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-    _, batches, valid = finetune_data(run, load_tokenizer(run / "tokenizer"), p.draft_sft)
-    seed_everything(p.seed)
-    model = load_model(run / "draft", cls=FastMicroLM)
-    t = finetune(run, "draft", model, p.draft_sft, out, batches, valid, log_every, progress)
+    # the SFT stage's data and loop, on the pretrained draft
+    setup = finetune_setup(run, "draft", force, p.draft_sft, draft_folder(run), start=run / "draft")
+    cfg, out, _, batches, valid, model = setup
+    t = finetune(run, "draft", model, cfg, out, batches, valid, log_every, progress)
     save_model(model, out)
     return dict(s, chat={k: t[k] for k in ("steps", "loss", "val_loss")})
 
@@ -536,8 +532,8 @@ def decode_benchmark(
     seed: int = 0,
 ) -> list[dict]:
     "Prefill and decode tokens/s per engine and batch size on random prompts, beside the roofline at the bandwidth."
-    bw, W = memory_bandwidth(), weight_bytes(model)
-    own = {"eager": model, "fast": FastLM(model), "fast, BLAS": FastLM(model, written_rows=0)}
+    bw, W, written = memory_bandwidth(), weight_bytes(model), {"fast": WRITTEN_ROWS, "fast, BLAS": 0}
+    own = {e: model if e == "eager" else FastLM(model, written_rows=written[e]) for e in engines if e != "transformers"}
     g = torch.Generator().manual_seed(seed)
     rows = []
     for B in batch_sizes:

@@ -302,15 +302,23 @@ def finetune_data(run: Run, tok, cfg, chats: bool = True) -> tuple[dict, SFTBatc
     return data, SFTBatches(train_enc, cfg.batch_size, pad, run.preset.seed + 7, cfg.length_groups), valid
 
 
-def finetune_setup(run: Run, stage: str, force: bool = False) -> tuple:
-    "What SFT and LoRA share before training: (cfg, out, data, batches, valid, model), with the inputs checked."
-    _require(run / "pretrain" / "model.safetensors", run / "tokenizer" / "tokenizer.json")
-    cfg, out = {"sft": run.preset.sft, "lora": run.preset.lora_train}[stage], run / stage
+def finetune_setup(
+    run: Run,
+    stage: str,
+    force: bool = False,
+    cfg=None,  # its train config (default: the sft or lora_train section)
+    out: Path | None = None,  # where it trains (default: run/stage)
+    start: Path | None = None,  # the weights it starts from (default: run/pretrain)
+) -> tuple:
+    "What fine-tuning stages share before training: (cfg, out, data, batches, valid, model), with the inputs checked."
+    start = start or run / "pretrain"
+    _require(start / "model.safetensors", run / "tokenizer" / "tokenizer.json")
+    cfg, out = cfg or {"sft": run.preset.sft, "lora": run.preset.lora_train}[stage], out or run / stage
     if force:
         shutil.rmtree(out / "ckpt", ignore_errors=True)
     data, batches, valid = finetune_data(run, load_tokenizer(run / "tokenizer"), cfg)
     seed_everything(run.preset.seed)
-    model = load_model(run / "pretrain", cls=FastMicroLM)  # trained with 05a's fast paths
+    model = load_model(start, cls=FastMicroLM)  # trained with 05a's fast paths
     if cfg.seq_len > model.cfg.max_position_embeddings:
         raise ValueError(
             f"{stage}: seq_len={cfg.seq_len} exceeds the model's "

@@ -16,7 +16,8 @@ from .model import load_model
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['HELP', 'special_strings', 'sanitize', 'ContextTooLong', 'ChatSession', 'load_chat_model', 'chat_parser', 'chat_main']
+__all__ = ['HELP', 'special_strings', 'sanitize', 'ContextTooLong', 'ChatSession', 'load_chat_model', 'chat_parser',
+           'parse_command_line', 'chat_main']
 
 # %% ../nbs/14_chat.ipynb #b5fd36e9
 def special_strings(tokenizer) -> list[str]:
@@ -186,12 +187,18 @@ def chat_parser() -> argparse.ArgumentParser:
     return p
 
 
-def chat_main(argv: list[str] | None = None) -> int:
-    "The `microlm chat` REPL; returns the exit code."
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    "`parser`'s reading of `argv`, or the exit code argparse chose instead (0 after --help, 2 for bad usage)."
     try:
-        args = chat_parser().parse_args(argv)
+        return parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+
+
+def chat_main(argv: list[str] | None = None) -> int:
+    "The `microlm chat` REPL; returns the exit code."
+    if isinstance(args := parse_command_line(chat_parser(), argv), int):
+        return args
     out, err = sys.stdout, sys.stderr
     for s in (sys.stdin, out, err):  # bad bytes in or out must not end the chat
         if hasattr(s, "reconfigure"):

@@ -17,8 +17,8 @@ __all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTION', 'OPTIMIZERS', 'SCHEDULES', 'SHUFFLES
            'SMALL', 'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainConfig',
            'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig', 'RLConfig',
            'Preset', 'get_preset', 'stable_hash', 'hashed_fields', 'atomic_write', 'atomic_path', 'atomic_dir',
-           'save_figure', 'Run', 'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast', 'seed_everything', 'machine',
-           'save_results']
+           'save_figure', 'finish_figure', 'Run', 'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast',
+           'seed_everything', 'machine', 'save_results']
 
 # %% ../nbs/00_config.ipynb #39b8e4ad
 @dataclass(frozen=True)
@@ -334,57 +334,26 @@ class Preset:
     )
     lora: LoraConfig = LoraConfig()
     lora_train: TrainConfig = TrainConfig(
-        batch_size=16,
-        seq_len=256,
-        max_steps=300,
-        lr=3e-3,
-        min_lr=3e-4,
-        warmup_steps=30,
-        weight_decay=0.0,
-        eval_every=100,
-        ckpt_every=100,
+        batch_size=16, seq_len=256, max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=30, weight_decay=0.0,
+        eval_every=100, ckpt_every=100,
     )
     dpo: DPOConfig = DPOConfig()
     dpo_train: TrainConfig = TrainConfig(
-        batch_size=16,
-        seq_len=256,
-        max_steps=40,
-        lr=5e-5,
-        min_lr=5e-6,
-        warmup_steps=4,
-        weight_decay=0.0,
-        eval_every=20,
-        ckpt_every=20,
-        keep_ckpts=1,
+        batch_size=16, seq_len=256, max_steps=40, lr=5e-5, min_lr=5e-6, warmup_steps=4, weight_decay=0.0,
+        eval_every=20, ckpt_every=20, keep_ckpts=1,
     )
     rl: RLConfig = RLConfig()
-    rl_train: TrainConfig = TrainConfig(  # batch_size: prompts per micro-step, each with rl.group_size answers
-        batch_size=8,
-        seq_len=256,
-        max_steps=30,  # about 5 minutes on two quiet cores: DPO and RL together within 10 of the main job's 50
-        lr=1e-4,
-        min_lr=1e-5,
-        warmup_steps=3,
-        weight_decay=0.0,
-        eval_every=10,
-        ckpt_every=10,
-        keep_ckpts=1,
+    # batch_size: prompts per micro-step, each with rl.group_size answers; 30 steps: about 5 minutes on two quiet
+    # cores, so that DPO and RL together stay within 10 of the main job's 50
+    rl_train: TrainConfig = TrainConfig(
+        batch_size=8, seq_len=256, max_steps=30, lr=1e-4, min_lr=1e-5, warmup_steps=3, weight_decay=0.0,
+        eval_every=10, ckpt_every=10, keep_ckpts=1,
     )
     pretrained: PretrainedConfig = PretrainedConfig()
     pretrained_lora: LoraConfig = LoraConfig(r=16, alpha=32, target_modules=LoraConfig.target_modules + ("down_proj",))
     pretrained_train: TrainConfig = TrainConfig(
-        batch_size=4,
-        seq_len=384,
-        max_steps=80,
-        lr=2e-4,
-        min_lr=2e-5,
-        warmup_steps=8,
-        weight_decay=0.0,
-        beta2=0.999,
-        eval_every=40,
-        eval_batches=4,
-        ckpt_every=40,
-        keep_ckpts=1,
+        batch_size=4, seq_len=384, max_steps=80, lr=2e-4, min_lr=2e-5, warmup_steps=8, weight_decay=0.0,
+        beta2=0.999, eval_every=40, eval_batches=4, ckpt_every=40, keep_ckpts=1,
     )
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
@@ -417,156 +386,52 @@ class Preset:
 
 # %% ../nbs/00_config.ipynb #a1730aa4
 SMALL = Preset()
+_SMOKE_DRAFT_TRAIN = TrainConfig(
+    batch_size=8, seq_len=128, max_steps=10, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10
+)
 SMOKE = Preset(
     name="smoke",
     tokenizer=TokenizerConfig(vocab_size=1024),
-    model=ModelConfig(
-        vocab_size=1024,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=192,
-        max_position_embeddings=128,
-    ),
-    pretrain=TrainConfig(
-        batch_size=8, seq_len=128, max_steps=40, warmup_steps=5, eval_every=20, eval_batches=4, ckpt_every=20
-    ),
-    draft=ModelConfig(
-        vocab_size=1024,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    ),
-    draft_train=TrainConfig(
-        batch_size=8, seq_len=128, max_steps=10, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10
-    ),
-    draft_sft=TrainConfig(
-        batch_size=8, seq_len=128, max_steps=10, warmup_steps=2, eval_every=10, eval_batches=2, ckpt_every=10
-    ),
+    model=ModelConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=192, max_position_embeddings=128),
+    pretrain=TrainConfig(batch_size=8, seq_len=128, max_steps=40, warmup_steps=5, eval_every=20, eval_batches=4,
+                         ckpt_every=20),
+    draft=ModelConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128),
+    draft_train=_SMOKE_DRAFT_TRAIN,
+    draft_sft=_SMOKE_DRAFT_TRAIN,
     sft_data=SFTDataConfig(tasks_per_play=8, chat_samples=100, eval_prompts=16),
-    sft=TrainConfig(
-        batch_size=8,
-        seq_len=128,
-        max_steps=20,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=2,
-        eval_every=10,
-        eval_batches=2,
-        ckpt_every=10,
-    ),
+    sft=TrainConfig(batch_size=8, seq_len=128, max_steps=20, lr=1e-3, min_lr=1e-4, warmup_steps=2, eval_every=10,
+                    eval_batches=2, ckpt_every=10),
     lora=LoraConfig(r=4, alpha=8),
-    lora_train=TrainConfig(
-        batch_size=8,
-        seq_len=128,
-        max_steps=20,
-        lr=3e-3,
-        min_lr=3e-4,
-        warmup_steps=2,
-        weight_decay=0.0,
-        eval_every=10,
-        eval_batches=2,
-        ckpt_every=10,
-    ),
+    lora_train=TrainConfig(batch_size=8, seq_len=128, max_steps=20, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+                           weight_decay=0.0, eval_every=10, eval_batches=2, ckpt_every=10),
     dpo=DPOConfig(prompts=16, samples=2, max_new_tokens=32, chosen="gold", eval_prompts=8),
-    dpo_train=TrainConfig(
-        batch_size=4,
-        seq_len=128,
-        max_steps=6,
-        lr=1e-4,
-        min_lr=1e-5,
-        warmup_steps=1,
-        weight_decay=0.0,
-        eval_every=3,
-        ckpt_every=3,
-        keep_ckpts=1,
-    ),
+    dpo_train=TrainConfig(batch_size=4, seq_len=128, max_steps=6, lr=1e-4, min_lr=1e-5, warmup_steps=1,
+                          weight_decay=0.0, eval_every=3, ckpt_every=3, keep_ckpts=1),
     rl=RLConfig(group_size=4, max_new_tokens=32, eval_prompts=8),
-    rl_train=TrainConfig(
-        batch_size=2,
-        seq_len=128,
-        max_steps=6,
-        lr=1e-4,
-        min_lr=1e-5,
-        warmup_steps=1,
-        weight_decay=0.0,
-        eval_every=3,
-        ckpt_every=2,
-        keep_ckpts=1,
-    ),
-    pretrained_train=TrainConfig(
-        batch_size=2,
-        seq_len=256,
-        max_steps=2,
-        lr=2e-4,
-        min_lr=2e-5,
-        warmup_steps=1,
-        weight_decay=0.0,
-        beta2=0.999,
-        eval_every=2,
-        eval_batches=4,
-        ckpt_every=2,
-        keep_ckpts=1,
-    ),
+    rl_train=TrainConfig(batch_size=2, seq_len=128, max_steps=6, lr=1e-4, min_lr=1e-5, warmup_steps=1,
+                         weight_decay=0.0, eval_every=3, ckpt_every=2, keep_ckpts=1),
+    pretrained_train=TrainConfig(batch_size=2, seq_len=256, max_steps=2, lr=2e-4, min_lr=2e-5, warmup_steps=1,
+                                 weight_decay=0.0, beta2=0.999, eval_every=2, eval_batches=4, ckpt_every=2,
+                                 keep_ckpts=1),
     eval=EvalConfig(max_new_tokens=48, lm_batches=4),
-    serve=ServeConfig(
-        concurrency=(1, 4, 16),
-        bench_requests=8,
-        bench_shapes=((32, 16),),
-        soak_requests=500,
-        stability_rounds=2,
-        decode_batches=(1, 4),
-        decode_new_tokens=32,
-        decode_prompts=4,
-        decode_repeats=1,
-    ),
+    serve=ServeConfig(concurrency=(1, 4, 16), bench_requests=8, bench_shapes=((32, 16),), soak_requests=500,
+                      stability_rounds=2, decode_batches=(1, 4), decode_new_tokens=32, decode_prompts=4,
+                      decode_repeats=1),
 )
 BASE = Preset(
     name="base",
     tokenizer=TokenizerConfig(vocab_size=6400),
-    model=ModelConfig(
-        vocab_size=6400,
-        hidden_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        intermediate_size=1408,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    ),  # 32.2M parameters
-    pretrain=TrainConfig(
-        batch_size=32,
-        seq_len=512,
-        max_steps=10000,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=500,
-        eval_every=500,
-        ckpt_every=500,
-    ),
-    draft=ModelConfig(
-        vocab_size=6400,
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=704,
-        max_position_embeddings=512,
-    ),
-    draft_train=TrainConfig(
-        batch_size=32,
-        seq_len=512,
-        max_steps=2000,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=100,
-        eval_every=500,
-        ckpt_every=500,
-    ),
+    model=ModelConfig(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=8, intermediate_size=1408, max_position_embeddings=512,
+                      tie_word_embeddings=False),  # 32.2M parameters
+    pretrain=TrainConfig(batch_size=32, seq_len=512, max_steps=10000, lr=1e-3, min_lr=1e-4, warmup_steps=500,
+                         eval_every=500, ckpt_every=500),
+    draft=ModelConfig(vocab_size=6400, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=704, max_position_embeddings=512),
+    draft_train=TrainConfig(batch_size=32, seq_len=512, max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                            eval_every=500, ckpt_every=500),
 )
 PRESETS = {p.name: p for p in (SMOKE, SMALL, BASE)}
 
@@ -661,6 +526,14 @@ def save_figure(fig, path: str | Path, dpi: int = 100, **kw) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, **kw)
     return Path(path)
+
+
+def finish_figure(fig, path: str | Path | None = None):
+    "The end of every plotting function: lay `fig` out tightly, write it to `path` when one is given, return it."
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
 
 # %% ../nbs/00_config.ipynb #20e1661b
 class Run:

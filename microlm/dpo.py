@@ -6,7 +6,6 @@
 from __future__ import annotations
 import json, random, shutil, tempfile, time
 from difflib import SequenceMatcher
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -14,21 +13,21 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from .config import Run, amp_dtype, atomic_write, autocast, save_figure, seed_everything
+from .config import Run, amp_dtype, atomic_write, autocast, finish_figure, seed_everything
 from .generate import Generation, chat_prompt, default_stop_ids, generate, model_device
 from .model import load_model, save_model
-from .sft import SFTBatches, collate, encode_chat, next_token_xy
+from .sft import SFTBatches, collate, encode_chat, finetune, next_token_xy
 from .stages import stage_body, stage_key
 from .tasks import aggregate, flatten, parse_json, score_answer
 from .tokenizer import load_tokenizer
-from .train import read_log, train
+from .train import read_log
 
 # %% auto #0
 __all__ = ['DPO_PANELS', 'answer_f1', 'partial_f1', 'task_reward', 'task_prompts', 'sample_answers', 'sft_tasks',
            'heldout_examples', 'score_model', 'preference_pairs', 'token_logps', 'dpo_loss', 'dpo_batch_loss',
            'trl_dpo_loss', 'Targets', 'encode_pair', 'pair_batch', 'PairBatches', 'reference_logps', 'append_log',
-           'heldout_record', 'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'require', 'check_context',
-           'make_pairs', 'dpo_stage', 'stage_results']
+           'heldout_record', 'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'require', 'tuning_setup',
+           'check_context', 'make_pairs', 'dpo_stage', 'stage_results']
 
 # %% ../nbs/11_dpo.ipynb #ef324b72
 def answer_f1(score: dict) -> float:
@@ -353,10 +352,7 @@ def plot_metrics(log: list[dict], panels: dict, path: Path | None = None, title:
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return fig
+    return finish_figure(fig, path)
 
 # %% ../nbs/11_dpo.ipynb #400751c0
 def cached(path: Path, key: str, make: Callable[[], dict]) -> dict:
@@ -375,6 +371,21 @@ def require(run: Run, stage: str):
     for p in (run / stage / "model.safetensors", run / "tokenizer" / "tokenizer.json"):
         if not p.exists():
             raise FileNotFoundError(f"{p} not found: run the {stage} stage first (microlm {stage} --run {run.root})")
+
+
+def tuning_setup(run: Run, stage: str, start: str, force: bool, cache: str) -> tuple:
+    "What DPO and RL do before training: (tokenizer, model of `start`, held-out examples, stage key), inputs checked."
+    tcfg, out = getattr(run.preset, f"{stage}_train"), run / stage
+    require(run, start)
+    if force:
+        shutil.rmtree(out / "ckpt", ignore_errors=True)
+        (out / cache).unlink(missing_ok=True)  # the stage's cached samples of its start model
+    tok = load_tokenizer(run / "tokenizer")
+    seed_everything(run.preset.seed)
+    model = load_model(run / start)
+    check_context(stage, tcfg, model)
+    heldout = heldout_examples(run, getattr(run.preset, stage).eval_prompts, tcfg.seq_len)
+    return tok, model, heldout, stage_key(run, stage)
 
 
 def check_context(stage: str, tcfg, model):
@@ -427,25 +438,11 @@ DPO_PANELS = {
 
 # %% ../nbs/11_dpo.ipynb #a7fd17ea
 @stage_body("dpo")
-def dpo_stage(
-    run: Run,
-    force: bool = False,
-    log_every: int = 5,
-    progress: bool = True,
-    on_step: Callable | None = None,  # called after each step's own logging (tests kill the run here)
-) -> dict:
+def dpo_stage(run: Run, force: bool = False, log_every: int = 5, progress: bool = True,
+              on_step: Callable | None = None) -> dict:  # on_step: after each step's logging (tests kill the run there)
     "DPO of `run`'s SFT model on pairs of its own answers; writes run/'dpo'/ (model, pairs.json, log.jsonl, dpo.png)."
     t0, cfg, tcfg, out = time.time(), run.preset.dpo, run.preset.dpo_train, run / "dpo"
-    require(run, "sft")
-    if force:
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-        (out / "pairs.json").unlink(missing_ok=True)
-    tok = load_tokenizer(run / "tokenizer")
-    seed_everything(run.preset.seed)
-    model = load_model(run / "sft")
-    check_context("dpo", tcfg, model)
-    heldout = heldout_examples(run, cfg.eval_prompts, tcfg.seq_len)
-    key = stage_key(run, "dpo")
+    tok, model, heldout, key = tuning_setup(run, "dpo", "sft", force, "pairs.json")
     data = cached(
         out / "pairs.json",
         key,
@@ -463,19 +460,8 @@ def dpo_stage(
         return loss
 
     watch = watcher(out, model, tok, heldout, tcfg, cfg.max_new_tokens, stats, data["start"], log_every, on_step)
-    s = train(
-        model,
-        PairBatches(enc, tcfg.batch_size, tok.pad_token_id, seed=run.preset.seed + 11),
-        tcfg,
-        out,
-        meta={"config_hash": key, "model_config": asdict(model.cfg)},
-        loss_fn=loss_fn,
-        log_every=log_every,
-        on_step=watch,
-        progress=progress,
-        desc="dpo",
-        on_mismatch="restart",
-    )
+    batches = PairBatches(enc, tcfg.batch_size, tok.pad_token_id, seed=run.preset.seed + 11)
+    s = finetune(run, "dpo", model, tcfg, out, batches, None, log_every, progress, loss_fn, watch)
     _, ev = finish_tuning(
         model, tok, heldout, cfg.max_new_tokens, out, s["steps"], DPO_PANELS, out / "dpo.png", f"dpo: {run.root.name}"
     )

@@ -271,27 +271,22 @@ def _gguf_metadata(w: gguf.GGUFWriter, cfg: dict, vocab: dict, type: str) -> Non
     "Hyperparameters and tokenizer under llama.cpp's `llama.*` and `tokenizer.*` keys."
     w.add_file_type(GGUF_TYPES[type][0])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
+    hyper = ((w.add_context_length, "max_position_embeddings"), (w.add_embedding_length, "hidden_size"),
+             (w.add_block_count, "num_hidden_layers"), (w.add_feed_forward_length, "intermediate_size"),
+             (w.add_head_count, "num_attention_heads"), (w.add_head_count_kv, "num_key_value_heads"),
+             (w.add_layer_norm_rms_eps, "rms_norm_eps"), (w.add_vocab_size, "vocab_size"))
+    for add, key in hyper:
+        add(cfg[key])
     w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_vocab_size(cfg["vocab_size"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    w.add_token_merges(vocab["merges"])
-    w.add_bos_token_id(vocab["bos"])
-    w.add_eos_token_id(vocab["eos"])
-    w.add_eot_token_id(vocab["eot"])
-    w.add_pad_token_id(vocab["pad"])
+    tokenizer = ((w.add_token_list, "tokens"), (w.add_token_types, "types"), (w.add_token_merges, "merges"),
+                 (w.add_bos_token_id, "bos"), (w.add_eos_token_id, "eos"), (w.add_eot_token_id, "eot"),
+                 (w.add_pad_token_id, "pad"), (w.add_chat_template, "chat_template"))
+    for add, key in tokenizer:
+        add(vocab[key])
     w.add_add_bos_token(False)
-    w.add_chat_template(vocab["chat_template"])
 
 
 def export_gguf(

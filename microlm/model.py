@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig, atomic_path, atomic_write
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'CONFIG', 'rms_norm', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope', 'MLP',
-           'Attention', 'positions_and_mask', 'DecoderLayer', 'set_dropout', 'init_weights', 'ModelOutput', 'lm_loss',
-           'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'save_model', 'read_model_config', 'check_state_dict',
-           'load_model']
+__all__ = ['HF_FIELDS', 'WEIGHTS', 'CONFIG', 'rms_norm', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope',
+           'MLP', 'Attention', 'positions_and_mask', 'DecoderLayer', 'set_dropout', 'init_weights', 'ModelOutput',
+           'lm_loss', 'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'save_model', 'read_model_config',
+           'check_state_dict', 'load_model']
 
 # %% ../nbs/05_model.ipynb #65958319
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -329,26 +329,15 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 # %% ../nbs/05_model.ipynb #d8869f6b
+HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+             "tie_word_embeddings", "initializer_range")  # ModelConfig fields that LlamaConfig takes by the same name
+
+
 def to_hf_config(cfg: ModelConfig) -> dict:
     "`transformers.LlamaConfig` keyword arguments for `cfg` (bos/eos/pad ids are left to the export stage)."
-    return dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.initializer_range,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        attention_dropout=0.0,
-    )
+    fixed = dict(hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0)  # what MicroLM is
+    return {k: getattr(cfg, k) for k in HF_FIELDS} | fixed
 
 # %% ../nbs/05_model.ipynb #d28e1b30
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

@@ -4,35 +4,32 @@
 
 # %% ../nbs/12_rl.ipynb #a74acf7b
 from __future__ import annotations
-import math, shutil, time
-from dataclasses import asdict
+import math, time
 from typing import Callable
 
 import torch
 
-from .config import RLConfig, Run, amp_dtype, autocast, seed_everything
+from .config import RLConfig, Run, amp_dtype, autocast
 from microlm.dpo import (
     Targets,
     cached,
-    check_context,
     finish_tuning,
-    heldout_examples,
     plot_metrics,
-    require,
     sample_answers,
     score_model,
     sft_tasks,
     task_prompts,
     task_reward,
     token_logps,
+    tuning_setup,
     watcher,
 )
 from .generate import end_of_turn_id, model_device
 from .model import load_model
-from .sft import collate, next_token_xy
-from .stages import get_stage, stage_body, stage_key
+from .sft import collate, finetune, next_token_xy
+from .stages import get_stage, stage_body
 from .tokenizer import load_tokenizer
-from .train import read_log, train
+from .train import read_log
 
 # %% auto #0
 __all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'rl_start', 'rl_stage']
@@ -193,25 +190,12 @@ def _mean(xs: list) -> float | None:
 
 # %% ../nbs/12_rl.ipynb #40ba688f
 @stage_body("rl")
-def rl_stage(
-    run: Run,
-    force: bool = False,
-    log_every: int = 1,
-    progress: bool = True,
-    on_step: Callable | None = None,  # called after each step's own logging (tests kill the run here)
-) -> dict:
+def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool = True,
+             on_step: Callable | None = None) -> dict:  # on_step: after each step's logging (tests kill the run there)
     "GRPO from `run`'s SFT (or DPO) model with the scorer's reward; writes run/'rl'/ (model, log.jsonl, rl.png)."
     t0, cfg, tcfg, out, start = time.time(), run.preset.rl, run.preset.rl_train, run / "rl", rl_start()
-    require(run, start)
-    if force:
-        shutil.rmtree(out / "ckpt", ignore_errors=True)
-        (out / "start.json").unlink(missing_ok=True)
-    tok = load_tokenizer(run / "tokenizer")
-    seed_everything(run.preset.seed)
-    model, ref = load_model(run / start), load_model(run / start).eval().requires_grad_(False)
-    check_context("rl", tcfg, model)
-    heldout = heldout_examples(run, cfg.eval_prompts, tcfg.seq_len)
-    key = stage_key(run, "rl")
+    tok, model, heldout, key = tuning_setup(run, "rl", start, force, "start.json")
+    ref = load_model(run / start).eval().requires_grad_(False)  # the KL penalty's anchor
     first = cached(out / "start.json", key, lambda: dict(start=score_model(model, tok, heldout, cfg.max_new_tokens)))
     reward = lambda text, e: task_reward(text, e, cfg.exact_bonus, cfg.partial_credit)
     examples = sft_tasks(run, "train", tcfg.seq_len)
@@ -234,19 +218,7 @@ def rl_stage(
         return grpo(model, x, y)
 
     watch = watcher(out, model, tok, heldout, tcfg, cfg.max_new_tokens, stats, first["start"], log_every, on_step)
-    s = train(
-        model,
-        rollouts,
-        tcfg,
-        out,
-        meta={"config_hash": key, "model_config": asdict(model.cfg)},
-        loss_fn=loss_fn,
-        log_every=log_every,
-        on_step=watch,
-        progress=progress,
-        desc="rl",
-        on_mismatch="restart",
-    )
+    s = finetune(run, "rl", model, tcfg, out, rollouts, None, log_every, progress, loss_fn, watch)
     title = f"rl from {start}: {run.root.name}"
     log, ev = finish_tuning(model, tok, heldout, cfg.max_new_tokens, out, s["steps"], RL_PANELS, out / "rl.png", title)
     rw, n = [r["reward"] for r in log if "reward" in r], max(1, min(5, s["steps"] // 4))

@@ -38,20 +38,10 @@ def make_tiny_hf_model(
     model_dir, lora_dir = folder / "model", folder / "lora"
     tok = _tiny_tokenizer(1024, seed)
     tok.save_pretrained(model_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-        bos_token_id=None,
-        eos_token_id=[2, 0],
-        pad_token_id=3,
-    )
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=True, initializer_range=0.1, bos_token_id=None, eos_token_id=[2, 0],
+                      pad_token_id=3)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).float().eval()
     model.save_pretrained(model_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, random, shutil, time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import yaml
@@ -19,7 +19,7 @@ from .model import load_model, save_model
 from .stages import stage_body, stage_key
 from .tasks import SCHEMAS, TASKS, schema_hint, split_tasks
 from .tokenizer import load_tokenizer
-from .train import read_log, train
+from .train import next_token_loss, read_log, train
 
 # %% auto #0
 __all__ = ['chatterbot_dialogues', 'chat_examples', 'load_conversations', 'load_alpaca', 'encode_chat', 'collate',
@@ -328,21 +328,22 @@ def finetune_setup(
 
 
 def finetune(
-    run: Run, stage: str, model, cfg, out: Path, batches, valid, log_every: int = 10, progress: bool = True
+    run: Run,
+    stage: str,
+    model,
+    cfg,
+    out: Path,
+    batches,
+    valid=None,
+    log_every: int = 10,
+    progress: bool = True,
+    loss_fn: Callable = next_token_loss,  # DPO and RL bring their own losses
+    on_step: Callable | None = None,
 ) -> dict:
     "Run the shared training loop for fine-tuning stage `stage` (checkpoints of another configuration are discarded)."
-    return train(
-        model,
-        batches,
-        cfg,
-        out,
-        valid=valid,
-        meta={"config_hash": stage_key(run, stage), "model_config": asdict(model.cfg)},
-        log_every=log_every,
-        progress=progress,
-        desc=stage,
-        on_mismatch="restart",
-    )
+    meta = {"config_hash": stage_key(run, stage), "model_config": asdict(model.cfg)}
+    return train(model, batches, cfg, out, valid=valid, meta=meta, loss_fn=loss_fn, log_every=log_every,
+                 on_step=on_step, progress=progress, desc=stage, on_mismatch="restart")
 
 
 @stage_body("sft")

@@ -177,6 +177,12 @@ def _window(blocks: list[dict], rng: random.Random, k: int, types=("speech", "di
     return out
 
 
+def _one_speech(blocks: list[dict], rng: random.Random) -> dict | None:
+    "One speech from a random place, or None when the play has none."
+    w = _window(blocks, rng, 1, types=("speech",))
+    return w[0] if w else None
+
+
 def task_extract(blocks, rng, k):
     "Schema-guided extraction: act, scene, speakers, entrances and exits of an excerpt."
     w, max_lines = _window(blocks, rng, k), 1 + (k > 2)
@@ -212,10 +218,8 @@ def task_to_json(blocks, rng, k):
 
 def task_format(blocks, rng, k):
     "Format following: JSON only, with the given keys, about one speech."
-    w = _window(blocks, rng, 1, types=("speech",))
-    if not w:
+    if (b := _one_speech(blocks, rng)) is None:
         return None
-    b = w[0]
     lines = b["lines"][:k]
     gold = dict(speaker=b["speaker"], first_word=re.findall(r"[A-Za-z']+", lines[0] + " x")[0], line_count=len(lines))
     return "Answer with JSON only, keys speaker, first_word, line_count.\n" + _speech_text(b, k), gold
@@ -238,10 +242,8 @@ def _corrupt(obj: dict, rng: random.Random) -> tuple[str, str]:
 
 def task_repair(blocks, rng, k):
     "Schema repair: fix a corrupted JSON object against its schema."
-    w = _window(blocks, rng, 1, types=("speech",))
-    if not w:
+    if (b := _one_speech(blocks, rng)) is None:
         return None
-    b = w[0]
     gold = dict(speaker=b["speaker"], act=b["act"], scene=b["scene"], words=len(" ".join(b["lines"][:k]).split()))
     broken, _ = _corrupt(gold, rng)
     return f"Fix this JSON to match {schema_hint(SCHEMAS['repair'])}:\n{broken}", gold

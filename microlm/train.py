@@ -27,7 +27,7 @@ from microlm.config import (
     amp_dtype,
     atomic_write,
     autocast,
-    save_figure,
+    finish_figure,
     atomic_dir,
     seed_everything,
     stable_hash,
@@ -430,10 +430,7 @@ def plot_log(log: list[dict] | str | Path, path: str | Path | None = None, title
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return fig
+    return finish_figure(fig, path)
 
 # %% ../nbs/06_train.ipynb #6921eba5
 def dist_env() -> tuple[int, int, int]:

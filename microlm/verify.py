@@ -990,14 +990,8 @@ def held_out_tasks(run: Run) -> list[dict]:
 
 
 @stage_body("verify")
-def verify_stage(
-    run: Run,
-    force: bool = False,
-    model: str | None = None,
-    lora_modules: dict | None = None,
-    tasks: Sequence[dict] | None = None,
-    reference_fn: Callable | None = None,
-) -> dict:
+def verify_stage(run: Run, force: bool = False, model: str | None = None, lora_modules: dict | None = None,
+                 tasks: Sequence[dict] | None = None, reference_fn: Callable | None = None) -> dict:
     "Serve the run's exported models with vLLM and verify them into `run/'verify'/` (the pipeline's deployment stage)."
     if model is None:
         if not (run / "hf" / "own_base" / "config.json").exists():

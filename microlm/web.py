@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from transformers import AutoTokenizer
 
-from .chat import ContextTooLong, load_chat_model, sanitize, special_strings
+from .chat import ContextTooLong, load_chat_model, parse_command_line, sanitize, special_strings
 from .config import Run
 from .generate import chat_prompt, stream_text
 from .serve import COMPACT_JSON_ARGS, VLLMServer
@@ -630,10 +630,8 @@ def _raise_interrupt(signum, frame):
 
 def web_main(argv: Sequence[str] | None = None) -> int:
     "`microlm web`: serve the chat page until Ctrl-C or SIGTERM; returns the exit code."
-    try:
-        args = web_parser().parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+    if isinstance(args := parse_command_line(web_parser(), argv), int):
+        return args
     try:
         check_bind(args.host, args.allow_remote)
     except ValueError as e:

@@ -67,7 +67,7 @@ def smoke_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    "Torch on one thread for a module (test_gguf, test_quant: llama.cpp runs beside it), restored after."
+    "Torch on one thread for a module (tiny models, or llama.cpp running beside torch), restored after."
     import torch  # here: conftest stays light for the tests that never touch torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)

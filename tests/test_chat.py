@@ -14,11 +14,7 @@ TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the m
         "the slings and arrows of outrageous fortune. Hello there! How are you? ") * 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope="module")

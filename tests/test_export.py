@@ -23,11 +23,7 @@ CONVS = [[{"role": "user", "content": "Who speaks first?"}],
           {"role": "assistant", "content": '{"speaker":"HAMLET"}'}, {"role": "user", "content": "And then?"}]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ CFG = replace(SMOKE.model, vocab_size=512, hidden_size=128, num_attention_heads=
               num_hidden_layers=3, tie_word_embeddings=False, rms_norm_eps=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny models run fastest on one thread (and far faster than two on a busy shared machine)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add contention
 
 
 def twins(cfg=CFG, seed=0):

@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
+from helpers import lively
 from microlm.config import SMOKE
 from microlm.generate import (Generation, HFCausalLM, SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p,
                               generate, generate_text, holdback, left_pad, stream_ids, stream_text)
@@ -16,20 +17,7 @@ from microlm.tokenizer import to_hf, train_bpe
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33, 34]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
-def lively(model, std=0.3, seed=0):
-    "Random weights with a large spread: greedy output varies instead of repeating the last prompt token."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2: p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope="module")

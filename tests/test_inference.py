@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from helpers import lively
 from microlm.config import SMALL, SMOKE, Run
 from microlm.generate import Decoding, chat_prompt, default_stop_ids, generate
 from microlm.inference import (STEP_OPTIONS, DraftModel, FastLM, PromptLookup, draft_folder, draft_stage, linear,
@@ -23,21 +24,7 @@ from microlm.verify import bounded_schema
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33, 34]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
-def lively(model, std=0.3, seed=0):
-    "Random weights with a large spread: greedy output varies, so a wrong token shows."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2: p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add contention
 
 
 def ids_of(gens): return [g.ids for g in gens]

@@ -188,9 +188,9 @@ def accepted_drafts(
     done: Sequence[bool] | None = None,  # finished rows (ignored)
 ) -> int:
     "How many leading drafts every unfinished row's picks agree with: the rows advance together."
-    agree = (picks[:, :-1] == drafts).long().cumprod(1).sum(1)  # (B,) leading matches per row
-    live = [i for i in range(len(agree)) if not (done and done[i])]
-    return int(agree[live].min()) if live else 0
+    agree = (picks[:, :-1] == drafts).cumprod(1).sum(1).tolist()  # leading matches per row
+    live = [a for i, a in enumerate(agree) if not (done and done[i])]
+    return min(live, default=0)
 
 # %% ../nbs/07_generate.ipynb #6ad7b35e
 def forward_last(model, ids: torch.Tensor, mask: torch.Tensor | None, cache=None, keep: int = 1) -> torch.Tensor:

@@ -20,7 +20,8 @@ from .config import Run, ServeConfig, atomic_write, save_figure
 from .evaluate import best_own, eval_examples
 from .tasks import parse_json
 from .export import OWN_MODELS, gguf_path, hf_greedy, load_hf, load_own
-from .inference import decode_benchmark, draft_folder, load_avg, speculative_benchmark, structured_prompts
+from .inference import (corpus_lookup, decode_benchmark, draft_folder, load_avg, speculative_benchmark,
+                               structured_prompts)
 from .inference import weight_bytes
 from .generate import generate
 from .model import MicroLM, load_model
@@ -1080,6 +1081,7 @@ def decode_report(run: Run, out_dir: str | Path, cfg: ServeConfig, served: dict 
         tok,
         structured_prompts(run, cfg.decode_prompts),
         load_model(draft_folder(run)).eval(),
+        corpus_lookup(run),
         reps=cfg.decode_repeats,
         eager=False,
     )

@@ -11,8 +11,9 @@ from torch._dynamo.utils import counters
 from helpers import lively
 from microlm.config import SMALL, SMOKE, Run
 from microlm.generate import Decoding, chat_prompt, default_stop_ids, generate
-from microlm.inference import (STEP_OPTIONS, DraftModel, FastLM, PromptLookup, draft_folder, draft_stage, linear,
-                               load_draft, lookup_continuation, structured_prompts, time_decode)
+from microlm.inference import (STEP_OPTIONS, CorpusLookup, DraftModel, FastLM, PromptLookup, answer_corpus,
+                               corpus_lookup, draft_folder, draft_stage, linear, load_draft, lookup_continuation,
+                               ngram_table, speculative_benchmark, structured_prompts, time_decode)
 from microlm.model import MicroLM, load_model
 from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, session_pids
 from microlm.stages import ensure
@@ -48,6 +49,19 @@ def run(smoke_run):
 
 
 # --- the fast path -------------------------------------------------------------------------------------------------
+
+def test_compiled_steps_are_kept_apart_by_architecture(model):
+    "Each architecture's step keeps only tensor guards: models alike in every tensor but a constant must not share one."
+    x = [list(range(3, 12))]
+    twins = [lively(MicroLM(replace(SMOKE.model, max_position_embeddings=96, **kw))) for kw in
+             (dict(), dict(rms_norm_eps=0.5), dict(tie_word_embeddings=False))]
+    with torch.no_grad():
+        twins[2].lm_head.weight.mul_(-1)  # untied: the head differs from the embedding, every shape the same
+    for m, rows in [(twins[0], 8), (twins[1], 8), (twins[2], 8), (twins[0], 0)]:
+        assert ids_of(generate(FastLM(m, written_rows=rows), x, 12)) == ids_of(generate(m, x, 12))
+    assert len({FastLM(m).step for m in twins} | {FastLM(twins[0], written_rows=0).step}) == 4
+    assert FastLM(twins[0]).step is FastLM(lively(MicroLM(twins[0].cfg), seed=9)).step  # same architecture: shared
+
 
 @pytest.mark.parametrize("compile,rows", [(False, 8), (True, 8), (True, 0)], ids=["layout", "compiled", "blas"])
 def test_fast_equals_eager(model, compile, rows):
@@ -124,11 +138,12 @@ def test_lookup_continuation():
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
-@pytest.mark.parametrize("kind", ["lookup", "draft", "self"])
+@pytest.mark.parametrize("kind", ["lookup", "draft", "self", "corpus"])
 def test_speculative_equals_greedy(model, draft, fast, kind):
     target = FastLM(model) if fast else model
+    own = ngram_table([g.ids for g in generate(model, [[3, 4, 5], [8, 9], [40, 41]], 30)], min_count=1)  # often right
     proposer = {"lookup": PromptLookup(k=5, ngram=2), "draft": DraftModel(FastLM(draft) if fast else draft, k=3),
-                "self": DraftModel(model, k=4)}[kind]
+                "self": DraftModel(model, k=4), "corpus": CorpusLookup(own, k=7)}[kind]
     want = ids_of(generate(model, PROMPTS, 40))
     run = Decoding(target, PROMPTS, 40, draft=proposer)
     for _ in run.steps(): pass
@@ -136,6 +151,41 @@ def test_speculative_equals_greedy(model, draft, fast, kind):
     assert [generate(target, p, 40, draft=proposer)[0].ids for p in PROMPTS] == want
     if kind == "self":  # the target drafting for itself: every proposal is accepted, far fewer passes
         assert run.stats["accepted"] == run.stats["drafted"] > 0 and run.stats["forwards"] < 15
+
+
+@pytest.mark.parametrize("ngram,min_ngram", [(3, 2), (3, 1), (1, 1), (4, 3)])
+def test_prompt_lookup_index_equals_the_search(ngram, min_ngram):
+    "The index that grows with the text proposes what `lookup_continuation` finds by searching the whole text."
+    rng = np.random.default_rng(ngram * 10 + min_ngram)
+    rows = rng.integers(0, 6, (2, 60))  # a small alphabet: many repeats
+    pl = PromptLookup(k=4, ngram=ngram, min_ngram=min_ngram)
+    pl.start(None, torch.from_numpy(rows[:, :5]), torch.tensor([[0, 0, 1, 1, 1], [1] * 5]), None)
+    for T in range(5, 60, 3):  # the text grows by a few tokens per call, as when drafts are accepted
+        got = pl.propose(torch.from_numpy(rows[:, :T]), None)
+        want = [lookup_continuation(rows[0, 2:T], 4, ngram, min_ngram), lookup_continuation(rows[1, :T], 4, ngram, min_ngram)]
+        if max(map(len, want)) == 0:
+            assert got is None
+        else:
+            assert [g[: len(w)] for g, w in zip(got.tolist(), want)] == [w.tolist() for w in want]
+
+
+def test_ngram_table_and_corpus_lookup():
+    corpus = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 3, 4, 5], [7, 2, 3, 9]]
+    table = ngram_table(corpus, n=2)
+    assert table[(3, 4)] == 5 and table[(4,)] == 5  # 5 twice, 6 once
+    assert table[(2, 3)] == 4 and table[(7, 2)] == -1  # "7 2" seen once: no sure guess
+    assert ngram_table(corpus, n=2, min_share=0.7)[(3, 4)] == -1  # 2 of 3 is not 70%
+    assert (5,) not in table and (1, 2, 3) not in table  # nothing follows the last token; contexts of n at most
+    cl = CorpusLookup(table, k=5, n=2)
+    assert cl.continuation([9, 1, 2]) == [3, 4, 5]  # nothing follows "4 5": the chain stops
+    assert cl.continuation([7, 2]) == []  # the longest known context is unsure: no guess, no shorter one tried
+    assert CorpusLookup(table, k=2, n=2).continuation([1, 2]) == [3, 4]
+    for bad in (dict(k=0), dict(n=1, min_n=2), dict(min_n=0)):
+        with pytest.raises(ValueError, match="CorpusLookup needs"): CorpusLookup(table, **bad)
+    # batched proposals: the corpus where it knows two tokens or more, else prompt lookup, rows padded
+    ids = torch.tensor([[0, 0, 9, 1, 2], [8, 6, 8, 6, 8]])
+    cl.start(None, ids, torch.tensor([[0, 0, 1, 1, 1], [1] * 5]), None)
+    assert cl.propose(ids, None).tolist() == [[3, 4, 5], [6, 8, 8]]  # row 2: copied "6 8" after the earlier "8 6 8"
 
 
 def test_speculative_accepts_on_repeats():
@@ -213,10 +263,28 @@ def test_speculative_on_the_sft_model(run):
     prompts, stops = structured_prompts(run, 3), default_stop_ids(load_tokenizer(run / "tokenizer"))
     want = [generate(sft, [p], 40, stop_token_ids=stops)[0].ids for p in prompts]
     for target in (sft, FastLM(sft)):
-        for d in (PromptLookup(k=6), load_draft(run, k=4, fast=target is not sft)):
+        for d in (PromptLookup(k=6), load_draft(run, k=4, fast=target is not sft), corpus_lookup(run)):
             assert [generate(target, [p], 40, stop_token_ids=stops, draft=d)[0].ids for p in prompts] == want
     r = time_decode(FastLM(sft), prompts[:1], 16, reps=1, draft=PromptLookup(), stop_token_ids=stops)
     assert r["ids"] == [want[0][:16]] and r["decode_tok_s"] > 0
+
+
+def test_answer_corpus(run):
+    tok = load_tokenizer(run / "tokenizer")
+    corpus, eot = answer_corpus(run), tok.convert_tokens_to_ids("<|im_end|>")
+    assert len(corpus) > 100 and all(seq[-1] == eot for seq in corpus)  # every answer with its end
+    head = tok.encode("<|im_start|>assistant\n")[-4:]
+    assert all(seq[:4] == head for seq in corpus[:20])  # after the generation prompt's last 4 tokens
+    table = corpus_lookup(run).table
+    assert table[tuple(head)] == tok.encode("{")[0]  # every answer is a JSON object: its first token is sure
+
+
+def test_speculative_benchmark_rows(run):
+    sft, tok = load_model(run / "sft").eval(), load_tokenizer(run / "tokenizer")
+    rows = speculative_benchmark(sft, tok, structured_prompts(run, 2), None, corpus_lookup(run), new=12, reps=1,
+                                 eager=False)
+    assert [r["engine"] for r in rows] == ["fast", "fast + lookup", "fast + corpus"]
+    assert all(r["same_as_fast"] for r in rows) and rows[0]["speedup_vs_fast"] == 1.0
 
 
 def task_examples(run, n, room, kinds=tuple(SCHEMAS)):

@@ -213,6 +213,8 @@ STEP_SIZES = (1, 4, 8)  # the token counts it is compiled for: a check of k draf
 # the kernels from C++, which removes most of the per-operation Python cost that remains; `realize_reads_threshold`
 # 1 stores each normalised row once, where the compiler would otherwise recompute it inside every dot product
 STEP_OPTIONS = {"cpp_wrapper": True, "realize_reads_threshold": 1}
+# dynamo keeps 8 programs per function by default, then runs it eagerly: batch sizes x token counts need more
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 _STEPS = {}  # the compiled step of each architecture (`compiled_step`)
 
 
@@ -228,8 +230,6 @@ def compiled_step(heads: tuple, eps: float, rows: int, layers: int, tied: bool):
         options = STEP_OPTIONS | {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
         _STEPS[key] = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
     return _STEPS[key]
-# dynamo keeps 8 programs per function by default, then runs it eagerly: batch sizes x token counts need more
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def step_size(T: int, past: int, ctx: int) -> int:

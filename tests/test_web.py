@@ -188,41 +188,57 @@ def metrics(url: str) -> dict:
     return out
 
 
+# the pacing loop of `slowed`, in a process of its own: no thread of the test process (which waits on the browser and
+# holds the GIL for stretches) can delay the next SIGSTOP and hand the engine free time
+PACER = r"""
+import os, signal, sys, time
+run, pause, pids = float(sys.argv[1]), float(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+
+def signal_all(sig):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+def stop(*_):
+    signal_all(signal.SIGCONT)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+signal_all(signal.SIGSTOP)
+print("stopped", flush=True)  # the test goes on only from here: no free start for the engine
+while True:
+    time.sleep(pause)
+    signal_all(signal.SIGCONT)
+    time.sleep(run)
+    signal_all(signal.SIGSTOP)
+"""
+
+
 @contextlib.contextmanager
 def slowed(vllm_pid: int, run: float = 0.001, pause: float = 0.2):
     """Make the vLLM engine slow, as a real model on a busy machine is: its processes run `run` seconds in every
-    `run + pause` (SIGSTOP/SIGCONT), at the lowest CPU priority (nice 19), so that a late wake-up of this
-    thread on a loaded machine does not hand the engine free time. The smoke model otherwise writes a whole
-    reply in a fraction of a second, too fast to stop, or to kill a server, in the middle of one. The API
-    server keeps its speed."""
+    `run + pause` (SIGSTOP/SIGCONT from a pacing process of its own), at the lowest CPU priority (nice 19). The
+    smoke model otherwise writes a whole reply in a fraction of a second, too fast to stop, or to kill a server, in
+    the middle of one. The API server keeps its speed."""
     engine = [p for p in session_pids(vllm_pid) if Path(f"/proc/{p}/comm").read_text().startswith("VLLM::")]
     assert engine, "no vLLM engine processes found"
     threads = [int(t) for p in engine for t in os.listdir(f"/proc/{p}/task")]
     nice = {t: os.getpriority(os.PRIO_PROCESS, t) for t in threads}
     for t in threads:
         os.setpriority(os.PRIO_PROCESS, t, 19)
-    done = threading.Event()
-
-    def signal_all(sig):
-        for p in engine:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, sig)
-
-    def loop():
-        while not done.is_set():
-            signal_all(signal.SIGSTOP)
-            time.sleep(pause)
-            signal_all(signal.SIGCONT)
-            time.sleep(run)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
+    pacer = subprocess.Popen([sys.executable, "-c", PACER, str(run), str(pause), *map(str, engine)],
+                             stdout=subprocess.PIPE, text=True)
     try:
+        assert pacer.stdout.readline().strip() == "stopped", "the pacing process did not start"
         yield engine
     finally:
-        done.set()
-        t.join()
-        signal_all(signal.SIGCONT)
+        pacer.terminate()
+        pacer.wait(timeout=10)
+        for p in engine:  # whatever state the pacer was in when it ended
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
         for t, n in nice.items():  # back to full speed where allowed (raising priority needs root)
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, t, n)

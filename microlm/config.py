@@ -312,7 +312,8 @@ class Preset:
     model: ModelConfig = ModelConfig()
     # `small`: the speedrun's recipe (06a_speedrun), fitted to ten minutes; max_steps only caps fast machines
     pretrain: TrainConfig = TrainConfig(
-        max_steps=3000, eval_batches=10, optimizer="muon", weight_decay=0.5, shuffle="epoch", fit_minutes=10.0
+        max_steps=3000, lr=5e-3, min_lr=5e-4, eval_batches=10, optimizer="muon", weight_decay=0.5,
+        momentum_warmup=300, shuffle="epoch", fit_minutes=10.0,
     )
     # the draft model of speculative decoding (13_inference): the run's tokenizer and context, a fraction of the cost
     draft: ModelConfig = ModelConfig(

@@ -284,7 +284,8 @@ def record_table(rec: dict) -> list[dict]:
                 raise ValueError(f"speedrun record: row {r['change']!r} shares no seed with its base {r['base']!r}")
             d = statistics.mean(bpb[s] - b[s] for s in shared)
             spread = max(row["sd"], _sd(list(b.values())))  # a one-seed screen: the base's own spread
-            row["delta"], row["kept"] = round(d, 4), d < 0 and -d > spread
+            # two one-seed rows: no spread to judge by (0), so nothing is kept until the base has more seeds
+            row["delta"], row["kept"] = round(d, 4), spread > 0 and d < 0 and -d > spread
         out.append(row)
     return out
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['VLLM_CPU_HEAD_SIZES', 'OPTION', 'OPTIMIZERS', 'SCHEDULES', 'SHUFFLES', 'DPO_LOSSES', 'DPO_CHOSEN', 'DPO_REFERENCES',
-           'SMALL', 'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig', 'ModelConfig', 'TrainConfig',
-           'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig', 'RLConfig',
-           'Preset', 'get_preset', 'stable_hash', 'hashed_fields', 'atomic_write', 'atomic_path', 'atomic_dir',
-           'save_figure', 'finish_figure', 'Run', 'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast',
+__all__ = ['VLLM_CPU_HEAD_SIZES', 'HIDDEN_ACTS', 'OPTION', 'OPTIMIZERS', 'SCHEDULES', 'SHUFFLES', 'DPO_LOSSES', 'DPO_CHOSEN',
+           'DPO_REFERENCES', 'SMALL', 'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig', 'ModelConfig',
+           'TrainConfig', 'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig',
+           'RLConfig', 'Preset', 'get_preset', 'stable_hash', 'hashed_fields', 'atomic_write', 'atomic_path',
+           'atomic_dir', 'save_figure', 'finish_figure', 'Run', 'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast',
            'seed_everything', 'machine', 'save_results']
 
 # %% ../nbs/00_config.ipynb #39b8e4ad
@@ -46,6 +46,7 @@ class TokenizerConfig:
 
 # %% ../nbs/00_config.ipynb #32c7c9a3
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+HIDDEN_ACTS = ("silu", "relu2")  # the MLP gate's activations, as transformers' ACT2FN names them
 # field metadata of an option added after runs were made: at its default it is left out of the section's hash
 # (`hashed_fields`), so adding it does not make those runs stale; set, it counts like any field
 OPTION = {"hash": "when_set"}
@@ -68,6 +69,12 @@ class ModelConfig:
     initializer_range: float = 0.02
     # o_proj and down_proj start at zero: every block starts as the identity (modded-nanogpt); 06a_speedrun
     zero_init_out: bool = field(default=False, metadata=OPTION)
+    # RMSNorm over each head's queries and keys before RoPE (Qwen3; exported as Qwen3ForCausalLM); 06a_speedrun
+    qk_norm: bool = field(default=False, metadata=OPTION)
+    # the MLP gate's activation: "silu" (SwiGLU) or "relu2" (relu(x)**2, Primer, modded-nanogpt); 06a_speedrun
+    hidden_act: str = field(default="silu", metadata=OPTION)
+    # logits squashed into (-cap, cap) by cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); 0: off; 06a_speedrun
+    logit_softcap: float = field(default=0.0, metadata=OPTION)
 
     @property
     def head_dim(self) -> int:
@@ -94,6 +101,10 @@ class ModelConfig:
         for k in ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"ModelConfig: {k} must be positive, got {getattr(self, k)}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"ModelConfig: hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
+        if not self.logit_softcap >= 0:
+            raise ValueError(f"ModelConfig: logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
 
 # %% ../nbs/00_config.ipynb #1b1eefa1
 OPTIMIZERS = ("adamw", "muon")
@@ -134,6 +145,10 @@ class TrainConfig:
     # fine-tuning batches (09_sft): draw this many batches at once and cut them from the draw sorted by length, so a
     # batch pads little (transformers' group_by_length); 0: every batch drawn at random
     length_groups: int = field(default=0, metadata=OPTION)
+    # batch-size warmup: the first `batch_ramp` steps draw from a quarter of `batch_size` sequences up to all; 0: off
+    batch_ramp: int = field(default=0, metadata=OPTION)
+    # sequence-length warmup: the first `seq_ramp` steps cut every window into 4, then 2 (same tokens); 0: off
+    seq_ramp: int = field(default=0, metadata=OPTION)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -145,8 +160,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: decay_frac must be in [0, 1], got {self.decay_frac}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"TrainConfig: dropout must be in [0, 1), got {self.dropout}")
-        if self.length_groups < 0:
-            raise ValueError(f"TrainConfig: length_groups must be >= 0, got {self.length_groups}")
+        for k in ("length_groups", "batch_ramp", "seq_ramp"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"TrainConfig: {k} must be >= 0, got {getattr(self, k)}")
+        if self.seq_ramp and self.seq_len % 4:
+            raise ValueError(f"TrainConfig: seq_ramp cuts windows in 4; seq_len={self.seq_len} is not a multiple of 4")
 
 
 @dataclass(frozen=True)

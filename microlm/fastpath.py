@@ -109,7 +109,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-def _chunked_ce(x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool, grad_w: bool, chunk: int = 0):
+def _chunked_ce(
+    x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool, grad_w: bool, chunk: int = 0, cap: float = 0.0
+):
     "Summed loss, number of supervised rows, and (if asked) the gradients of the mean loss for x and w."
     dt = compute_dtype(x)
     xs, ws = x.to(dt), w.to(dt)
@@ -127,11 +129,15 @@ def _chunked_ce(x: Tensor, w: Tensor, t: Tensor, ignore_index: int, grad_x: bool
         s = slice(i, i + chunk)
         tc, vc = t[s].clamp(min=0)[:, None], valid[s][:, None]
         z = (G[s] if grad else xs[s] @ ws.t()).to(acc)  # (chunk, V) logits, fp32
+        if cap:  # soft-capped logits; their derivative 1 - tanh² scales the gradient below
+            th = torch.tanh(z / cap)
+            z = cap * th
         lse = z.logsumexp(-1, keepdim=True)
         total += ((lse - z.gather(1, tc)) * vc).sum()
         # (softmax - onehot) / N, 0 where ignored
         if grad:
-            G[s] = z.sub_(lse).exp_().scatter_add_(1, tc, -vc.to(acc)).mul_(vc.to(acc) / n)
+            g = z.sub_(lse).exp_().scatter_add_(1, tc, -vc.to(acc)).mul_(vc.to(acc) / n)
+            G[s] = g.mul_(1 - th.square()) if cap else g
     return total, n, (G @ ws if grad_x else None), (G.t() @ xs if grad_w else None)
 
 
@@ -139,8 +145,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     "Loss and gradients in one chunked forward pass; backward scales them by the incoming gradient."
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, t: Tensor, ignore_index: int, chunk: int) -> Tensor:
-        total, n, gx, gw = _chunked_ce(x, w, t, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk)
+    def forward(ctx, x: Tensor, w: Tensor, t: Tensor, ignore_index: int, chunk: int, cap: float) -> Tensor:
+        need_x, need_w = ctx.needs_input_grad[:2]
+        total, n, gx, gw = _chunked_ce(x, w, t, ignore_index, need_x, need_w, chunk, cap)
         ctx.save_for_backward(*(g for g in (gx, gw) if g is not None))
         ctx.has = gx is not None, gw is not None
         ctx.dtypes = x.dtype, w.dtype
@@ -153,7 +160,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = next(saved) if has else None
             out.append(None if g is None else (g.to(torch.promote_types(g.dtype, torch.float32)) * grad).to(dt))
         gx, gw = out
-        return gx, gw, None, None, None
+        return gx, gw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -162,11 +169,12 @@ def linear_cross_entropy(
     targets: Tensor,  # (N,) target ids; `ignore_index` = not supervised
     ignore_index: int = -100,
     chunk: int = 0,  # rows per chunk (0: about 2 MB of fp32 logits on the CPU, 64 MB on a GPU)
+    cap: float = 0.0,  # logit soft-cap (`softcap`); 0: none
 ) -> Tensor:
     "Mean cross-entropy of the logits `x @ w.T` against `targets`, chunk by chunk, without fp32 logits."
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return _LinearCrossEntropy.apply(x, w, targets, ignore_index, chunk)
-    total, n, _, _ = _chunked_ce(x, w, targets, ignore_index, False, False, chunk)
+        return _LinearCrossEntropy.apply(x, w, targets, ignore_index, chunk, cap)
+    total, n, _, _ = _chunked_ce(x, w, targets, ignore_index, False, False, chunk, cap)
     return total / n
 
 # %% ../nbs/05a_fastpath.ipynb #a3c030c4
@@ -177,7 +185,7 @@ class FastMicroLM(MicroLM):
 
     def loss(self, x: Tensor, targets: Tensor) -> Tensor:
         if type(self.lm_head) is nn.Linear and x.device.type == "cpu":  # a plain output layer on the CPU: no logits
-            return linear_cross_entropy(x, self.lm_head.weight, targets)
+            return linear_cross_entropy(x, self.lm_head.weight, targets, cap=self.cfg.logit_softcap)
         return super().loss(x, targets)
 
 # %% ../nbs/05a_fastpath.ipynb #5578d941

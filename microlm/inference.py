@@ -13,12 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from .config import Run, save_results
 from .generate import Decoding, chat_prompt, context_length, default_stop_ids, forward_last, generate, left_pad
 from .generate import model_config, truncate_cache
-from .model import KVCache, MicroLM, ModelOutput, load_model, positions_and_mask, save_model, to_hf_config
+from .model import KVCache, MicroLM, ModelOutput, hf_model, load_model, positions_and_mask, save_model
 from .dpo import sft_tasks
 from .sft import encode_chat, finetune, finetune_setup
 from .stages import ensure, stage_body
@@ -81,6 +80,8 @@ class FastLM(nn.Module):
         cfg = self.cfg = model.cfg
         if model.lm_head.weight.dtype != torch.float32:
             raise ValueError(f"FastLM decodes fp32 weights, got {model.lm_head.weight.dtype}: call model.float() first")
+        if cfg.hidden_act != "silu" or cfg.logit_softcap:
+            raise ValueError("FastLM lays out the Llama/Qwen3 block (SwiGLU, no soft-cap): decode with MicroLM")
         wrapped = [n for n, m in model.named_modules() if n.endswith(PROJECTIONS) and type(m) is not nn.Linear]
         if wrapped:
             raise ValueError(
@@ -101,6 +102,9 @@ class FastLM(nn.Module):
                     gate_up=t(f.gate_proj.weight, f.up_proj.weight),
                     down=t(f.down_proj.weight),
                 )
+                if cfg.qk_norm:  # each head's gains in the paired order, for the queries' heads then the keys'
+                    g = lambda w, heads: w.detach()[pairs].expand(heads, hd)
+                    ws["qk_norm"] = t(g(a.q_norm.weight, nh), g(a.k_norm.weight, nkv))  # (nh + nkv, hd)
                 for k, w in ws.items():
                     self.register_buffer(f"l{i}_{k}", w, persistent=False)
             self.register_buffer("embed", model.model.embed_tokens.weight.detach().clone(), persistent=False)
@@ -116,7 +120,7 @@ class FastLM(nn.Module):
             self.register_buffer("upto", ctx[None] <= ctx[:, None], persistent=False)  # (ctx, ctx) causal
         self.names, self.written_rows = list(ws), written_rows
         self._collect()
-        arch = (nh, nkv, hd), cfg.rms_norm_eps, written_rows, cfg.num_hidden_layers, tied
+        arch = (nh, nkv, hd), cfg.rms_norm_eps, written_rows, cfg.num_hidden_layers, tied, cfg.qk_norm
         self.step = compiled_step(*arch) if compile else decode_layers
 
     def _collect(self):
@@ -159,9 +163,12 @@ def fast_forward(
     rot = fm.cos_sin[pos][:, :, None]  # (B or 1, T, 1, hd/2, 2)
     x = F.embedding(input_ids, fm.embed).view(B * T, C)
     nq = (nh + nkv) * hd
-    for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(fm.layers):
+    for i, (n1, wqkv, wo, n2, wgu, wd, *qkn) in enumerate(fm.layers):
         qk, v = linear(F.rms_norm(x, (C,), n1, cfg.rms_norm_eps), wqkv).split((nq, nkv * hd), 1)
-        qk = rotate_pairs(qk.view(B, T, nh + nkv, hd), rot)  # q and k rotated
+        qk = qk.view(B, T, nh + nkv, hd)
+        if qkn:  # QK-norm, as in `decode_layers`
+            qk = F.rms_norm(qk, (hd,), eps=cfg.rms_norm_eps) * qkn[0]
+        qk = rotate_pairs(qk, rot)  # q and k rotated
         q, k = qk.transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
         if cache is not None:
@@ -181,7 +188,7 @@ def decode_layers(
     seen: torch.Tensor,  # (B or 1, 1, T, ctx) which cache positions each new token attends
     rot: torch.Tensor,  # (T, 1, hd/2, 2), or (B, T, 1, hd/2, 2) with left padding: cos and sin of each position
     at: torch.Tensor,  # (T,) the cache positions written
-    layers: list,  # per layer: norm, qkv, o, norm, gate_up, down (FastLM.layers)
+    layers: list,  # per layer: norm, qkv, o, norm, gate_up, down (FastLM.layers), then q/k-norm gains with QK-norm
     ks: list,  # the cache's keys and values per layer, (B, nkv, ctx, hd), written in place
     vs: list,
     embed: torch.Tensor,
@@ -196,9 +203,12 @@ def decode_layers(
     B = ids.size(0) // T
     nq, C = (nh + nkv) * hd, embed.size(1)
     x = F.embedding(ids, embed)  # (B·T, C)
-    for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(layers):
+    for i, (n1, wqkv, wo, n2, wgu, wd, *qkn) in enumerate(layers):
         qk, v = linear(F.rms_norm(x, (C,), n1, eps), wqkv, rows).split((nq, nkv * hd), 1)
-        qk = rotate_pairs(qk.view(B, T, nh + nkv, hd), rot)  # real arithmetic: a compiler fuses it
+        qk = qk.view(B, T, nh + nkv, hd)
+        if qkn:  # QK-norm: every head's query and key normalised before RoPE
+            qk = F.rms_norm(qk, (hd,), eps=eps) * qkn[0]  # (nh + nkv, hd) gains
+        qk = rotate_pairs(qk, rot)  # real arithmetic: a compiler fuses it
         q, k = qk.transpose(1, 2).split((nh, nkv), 1)  # (B, heads, T, hd)
         ks[i].index_copy_(2, at, k)
         vs[i].index_copy_(2, at, v.view(B, T, nkv, hd).transpose(1, 2))
@@ -218,12 +228,12 @@ torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
 _STEPS = {}  # the compiled step of each architecture (`compiled_step`)
 
 
-def compiled_step(heads: tuple, eps: float, rows: int, layers: int, tied: bool):
+def compiled_step(heads: tuple, eps: float, rows: int, layers: int, tied: bool, qk_norm: bool = False):
     "`decode_layers` compiled for one architecture: its own copy of the function, guarded on its tensors alone."
     # before each call dynamo checks the program's guards: the tensors' shapes, dtypes and strides, and also the lists,
     # numbers and globals the step reads, which cost more than the tensors. Those never change for one architecture
     # (the key), so each key compiles its own copy of the function and keeps only the tensor guards
-    key = heads, eps, rows, layers, tied
+    key = heads, eps, rows, layers, tied, qk_norm
     if key not in _STEPS:
         code = decode_layers.__code__.replace(co_name=f"decode_layers_{len(_STEPS)}")  # dynamo: programs per code
         fn = types.FunctionType(code, decode_layers.__globals__, code.co_name, decode_layers.__defaults__)
@@ -630,7 +640,7 @@ def time_decode(
 # %% ../nbs/13_inference.ipynb #0077fbfb
 def time_transformers(model: MicroLM, prompts: list[list[int]], new: int, reps: int = 3) -> dict:
     "`time_decode` for `transformers`' own `generate` on the same weights: prefill is a one-token generation."
-    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(model.cfg))).eval()
+    hf = hf_model(model.cfg).eval()
     hf.load_state_dict(model.state_dict())
     ids, mask = left_pad(prompts)
 

@@ -18,9 +18,9 @@ from .config import ModelConfig, atomic_path, atomic_write
 
 # %% auto #0
 __all__ = ['HF_FIELDS', 'WEIGHTS', 'CONFIG', 'rms_norm', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope',
-           'MLP', 'Attention', 'positions_and_mask', 'DecoderLayer', 'set_dropout', 'init_weights', 'ModelOutput',
-           'lm_loss', 'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'save_model', 'read_model_config',
-           'check_state_dict', 'load_model']
+           'relu2', 'MLP', 'Attention', 'positions_and_mask', 'DecoderLayer', 'set_dropout', 'init_weights',
+           'ModelOutput', 'softcap', 'lm_loss', 'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'hf_classes',
+           'hf_model', 'save_model', 'read_model_config', 'check_state_dict', 'load_model']
 
 # %% ../nbs/05_model.ipynb #65958319
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -66,23 +66,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 # %% ../nbs/05_model.ipynb #b43c7bb3
+def relu2(x: Tensor) -> Tensor:
+    "relu(x) squared (Primer's activation; `transformers` calls it relu2)."
+    return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    "SwiGLU feed-forward: down(silu(gate(x)) * up(x))."
+    "Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU with `act` = silu, the default."
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, H = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj, self.up_proj = nn.Linear(C, H, bias=False), nn.Linear(C, H, bias=False)
         self.down_proj = nn.Linear(H, C, bias=False)
+        self.act = F.silu if cfg.hidden_act == "silu" else relu2
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 # %% ../nbs/05_model.ipynb #de164b1a
 class Attention(nn.Module):
-    "Causal grouped-query self-attention with RoPE, through `scaled_dot_product_attention`."
+    "Causal grouped-query self-attention with RoPE (after QK-norm, if set), through `scaled_dot_product_attention`."
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, rope=apply_rope):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, rope=apply_rope, norm=RMSNorm):
         super().__init__()
         self.rope = rope  # (x, cos, sin) -> x rotated; 05a_fastpath passes a faster one
         C, self.nh, self.nkv, self.hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -91,13 +97,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.nkv * self.hd, bias=False)
         self.v_proj = nn.Linear(C, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, C, bias=False)
+        if cfg.qk_norm:  # Qwen3's q_norm / k_norm: one gain per head dimension, shared by the heads
+            self.q_norm, self.k_norm = norm(self.hd, cfg.rms_norm_eps), norm(self.hd, cfg.rms_norm_eps)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = self.q_proj(x).view(B, T, self.nh, self.hd), self.k_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)  # each head's vector to unit RMS, then the gain
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         causal = mask is None and (cache is None or cache.length == 0)  # no offset, no padding: the fast path
@@ -139,7 +149,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0, norm=RMSNorm, rope=apply_rope):
         super().__init__()
-        self.self_attn, self.mlp = Attention(cfg, layer_idx, rope), MLP(cfg)
+        self.self_attn, self.mlp = Attention(cfg, layer_idx, rope, norm), MLP(cfg)
         self.input_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.dropout = 0.0  # a training setting (`set_dropout`), not part of the architecture or its export
@@ -184,6 +194,11 @@ class ModelOutput(NamedTuple):
 
     logits: Tensor | None  # (B, T or logits_to_keep, vocab); None when `targets` asked for the loss alone
     loss: Tensor | None  # mean cross-entropy over supervised tokens, when labels or targets were given
+
+
+def softcap(logits: Tensor, cap: float) -> Tensor:
+    "cap * tanh(logits / cap): close to the identity for |logits| << cap, never beyond ±cap; 0 = no cap."
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -255,14 +270,14 @@ class MicroLM(nn.Module):
             if targets.shape != input_ids.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
             return ModelOutput(None, self.loss(x.flatten(0, 1), targets.flatten()))
-        logits = self.lm_head(x[:, -keep:] if keep else x)  # (B, T or keep, V)
+        logits = softcap(self.lm_head(x[:, -keep:] if keep else x), self.cfg.logit_softcap)  # (B, T or keep, V)
         return ModelOutput(logits, None if labels is None else lm_loss(logits, labels))
 
     def loss(self, x: Tensor, targets: Tensor) -> Tensor:
         "Mean cross-entropy of the output layer on final hidden states `x` (N, C) against `targets` (N,), -100 skipped."
         logits = self.lm_head(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
-        return F.cross_entropy(logits, targets, ignore_index=-100)
+        return F.cross_entropy(softcap(logits, self.cfg.logit_softcap), targets, ignore_index=-100)
 
     def _inv_freq(self) -> Tensor:
         if self.inv_freq.dtype == torch.float32:
@@ -331,13 +346,32 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 # %% ../nbs/05_model.ipynb #d8869f6b
 HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-             "tie_word_embeddings", "initializer_range")  # ModelConfig fields that LlamaConfig takes by the same name
+             "tie_word_embeddings", "initializer_range", "hidden_act")  # fields LlamaConfig takes by the same name
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:
-    "`transformers.LlamaConfig` keyword arguments for `cfg` (bos/eos/pad ids are left to the export stage)."
-    fixed = dict(hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0)  # what MicroLM is
-    return {k: getattr(cfg, k) for k in HF_FIELDS} | fixed
+    "`transformers.LlamaConfig` (or, with QK-norm, `Qwen3Config`) keyword arguments for `cfg`, without token ids."
+    if cfg.logit_softcap:
+        raise ValueError(
+            f"ModelConfig.logit_softcap={cfg.logit_softcap}: neither LlamaConfig nor Qwen3Config holds a logit "
+            "soft-cap (Gemma 2 does, with other changes), so this model has no transformers twin; set it to 0"
+        )
+    fixed = dict(attention_bias=False, attention_dropout=0.0)  # what MicroLM is
+    return {k: getattr(cfg, k) for k in HF_FIELDS} | fixed | ({} if cfg.qk_norm else dict(mlp_bias=False))
+
+
+def hf_classes(cfg: ModelConfig) -> tuple[type, type]:
+    "The `transformers` config and model classes of `cfg`'s twin: Qwen3's (Llama + q/k norms) with QK-norm."
+    # transformers only here: importing the model itself stays light (seconds less for every tool that trains it)
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    return (Qwen3Config, Qwen3ForCausalLM) if cfg.qk_norm else (LlamaConfig, LlamaForCausalLM)
+
+
+def hf_model(cfg: ModelConfig, **kw) -> nn.Module:
+    "A randomly initialised `transformers` model of `cfg`'s architecture (`kw` go to its config)."
+    conf, model = hf_classes(cfg)
+    return model(conf(**to_hf_config(cfg), **kw))
 
 # %% ../nbs/05_model.ipynb #d28e1b30
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

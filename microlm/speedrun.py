@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from .config import BASE, SMALL, SMOKE, ModelConfig, Preset, Run, TrainConfig, atomic_write, get_preset, machine
 from .config import save_results, seed_everything
 from .fastpath import FastMicroLM
-from .model import to_hf_config
+from .model import hf_model
 from .stages import ensure
 from .train import TokenWindows, make_optimizer, pretrain_stage, read_log, train_step
 
@@ -74,7 +73,7 @@ def ours_and_hf(mcfg: ModelConfig) -> dict:
     seed_everything(0)
     ours = FastMicroLM(mcfg)
     seed_everything(0)
-    return {"ours": ours, "hf": LlamaForCausalLM(LlamaConfig(**to_hf_config(mcfg), attn_implementation="sdpa"))}
+    return {"ours": ours, "hf": hf_model(mcfg, attn_implementation="sdpa")}
 
 # %% ../nbs/06a_speedrun.ipynb #7380cf44
 def train_throughput(threads: int = 2, plan=((SMOKE, 8, 10), (SMALL, 16, 20), (BASE, 4, 3))) -> dict:
@@ -207,12 +206,15 @@ def trial_run(base: Run, folder: str | Path, seed: int, overrides: dict) -> Run:
     d = Path(folder)
     shutil.rmtree(d, ignore_errors=True)
     (d / ".stages").mkdir(parents=True)
-    for sub in ("data", "tokenizer", "tokens"):
-        shutil.copytree(base / sub, d / sub, copy_function=os.link)
-    for s in ("data", "tokenizer"):
+    own_tokenizer = "tokenizer" in overrides  # e.g. another vocabulary: trained and applied in the trial's folder
+    for s in ("data",) if own_tokenizer else ("data", "tokenizer"):
         shutil.copy(base / ".stages" / f"{s}.json", d / ".stages" / f"{s}.json")
+        for sub in ("tokenizer", "tokens") if s == "tokenizer" else (s,):
+            shutil.copytree(base / sub, d / sub, copy_function=os.link)
     run = Run(d, apply_overrides(replace(base.preset, seed=seed), overrides))
     run.save_config()
+    if own_tokenizer:
+        ensure(run, "tokenizer", log=lambda line: None)  # before the trial's clock starts
     return run
 
 # %% ../nbs/06a_speedrun.ipynb #0adbdb00

@@ -38,11 +38,11 @@ from .stages import stage_body, stage_key
 from .tokenizer import load_tokens
 
 # %% auto #0
-__all__ = ['lr_at', 'momentum_at', 'param_groups', 'muon_split', 'Optimizers', 'make_optimizer', 'TokenWindows', 'eval_windows',
-           'next_token_loss', 'evaluate', 'bits_per_byte', 'CheckpointError', 'CheckpointMismatch', 'list_checkpoints',
-           'rng_states', 'set_rng_states', 'checkpoint_weights', 'save_checkpoint', 'read_checkpoint',
-           'latest_checkpoint', 'read_log', 'plot_log', 'dist_env', 'init_distributed', 'train_step', 'fit_steps',
-           'train', 'token_meta', 'split_bytes_per_token', 'pretrain_model', 'pretrain_stage', 'main']
+__all__ = ['lr_at', 'ramp_at', 'momentum_at', 'param_groups', 'muon_split', 'Optimizers', 'make_optimizer', 'TokenWindows',
+           'eval_windows', 'next_token_loss', 'evaluate', 'bits_per_byte', 'CheckpointError', 'CheckpointMismatch',
+           'list_checkpoints', 'rng_states', 'set_rng_states', 'checkpoint_weights', 'save_checkpoint',
+           'read_checkpoint', 'latest_checkpoint', 'read_log', 'plot_log', 'dist_env', 'init_distributed', 'train_step',
+           'fit_steps', 'train', 'token_meta', 'split_bytes_per_token', 'pretrain_model', 'pretrain_stage', 'main']
 
 # %% ../nbs/06_train.ipynb #c9ccf76f
 def lr_at(
@@ -59,6 +59,17 @@ def lr_at(
         t = 0.0 if d == 0 else max(0.0, (t - (1 - d)) / d)
         return cfg.lr + (cfg.min_lr - cfg.lr) * t
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def ramp_at(step: int, cfg: TrainConfig) -> tuple[int, int]:
+    "Sequences per micro-step and tokens per sequence at `step`: the batch-size and sequence-length warmups."
+    b, T = cfg.batch_size, cfg.seq_len
+    if step < cfg.batch_ramp:  # linearly from a quarter of the batch up to all of it
+        q = max(1, b // 4)
+        b = q + (b - q) * step // cfg.batch_ramp
+    if step < cfg.seq_ramp:  # windows of a quarter, then half the length: as many tokens, shorter contexts
+        T = T // 4 if step < cfg.seq_ramp // 2 else T // 2
+    return b, T
 
 
 def momentum_at(step: int, cfg: TrainConfig) -> float:
@@ -184,20 +195,21 @@ class TokenWindows:
         n = (len(self.tokens) - off - 1) // self.seq_len
         return (off + self.seq_len * torch.randperm(n, generator=g)).tolist()
 
-    def _next_starts(self) -> list[int]:
+    def _next_starts(self, n: int) -> list[int]:
         if self.shuffle == "random":
-            return torch.randint(len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.gen).tolist()
+            return torch.randint(len(self.tokens) - self.seq_len, (n,), generator=self.gen).tolist()
         ix = []
-        while len(ix) < self.batch_size:
+        while len(ix) < n:
             if self.order is None or self.pos >= len(self.order):
                 self.epoch += self.order is not None
                 self.order, self.pos = self._epoch_starts(), 0
-            take = self.order[self.pos : self.pos + self.batch_size - len(ix)]
+            take = self.order[self.pos : self.pos + n - len(ix)]
             ix, self.pos = ix + take, self.pos + len(take)
         return ix
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ix = self._next_starts()
+    def __call__(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        "The next `n` (default `batch_size`) windows: inputs and targets, (n, seq_len) each."
+        ix = self._next_starts(n or self.batch_size)
         w = torch.from_numpy(np.stack([self.tokens[i : i + self.seq_len + 1] for i in ix]).astype(np.int64))  # (B, T+1)
         return w[:, :-1], w[:, 1:]
 
@@ -569,7 +581,9 @@ def train(
     fwd = ddp or raw
     if cfg.compile:
         fwd = torch.compile(fwd)
-    step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    ramp_end = max(cfg.batch_ramp, cfg.seq_ramp)  # steps of the batch-size and sequence-length warmups
+    if cfg.batch_ramp and not isinstance(batches, TokenWindows):
+        raise ValueError(f"{desc}: batch_ramp={cfg.batch_ramp} needs TokenWindows batches (pretraining)")
 
     def log(rec):
         if rank == 0:
@@ -641,9 +655,12 @@ def train(
             g["lr"] = lr * g.get("lr_scale", 1.0)
             if "nesterov" in g:  # a Muon group
                 g["momentum"] = momentum_at(step, cfg)
-        loss_sum, gnorm = train_step(
-            fwd, opt, [batches() for _ in range(cfg.grad_accum)], cfg.grad_clip, device, amp, loss_fn, ddp
-        )
+        bs, T = ramp_at(step, cfg) if step < ramp_end else (cfg.batch_size, cfg.seq_len)
+        micro = [batches(bs) if bs != cfg.batch_size else batches() for _ in range(cfg.grad_accum)]
+        if T != cfg.seq_len:  # each window cut into shorter ones: the same tokens
+            micro = [(x.reshape(-1, T), y.reshape(-1, T)) for x, y in micro]
+        step_tokens = bs * cfg.seq_len * cfg.grad_accum * world
+        loss_sum, gnorm = train_step(fwd, opt, micro, cfg.grad_clip, device, amp, loss_fn, ddp)
         if world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= world
@@ -659,7 +676,8 @@ def train(
         train_s += dt
         win_s += dt
         win_tok += step_tokens
-        step_secs.append(dt)
+        if step > ramp_end:  # the fit times full steps only
+            step_secs.append(dt)
         rec = {"step": step, "tokens": tokens, "loss": round(loss_v, 5), "lr": lr, "tok_s": round(win_tok / win_s, 1)}
         if gnorm is not None:
             rec["grad_norm"] = round(gnorm.item(), 4)

@@ -74,9 +74,8 @@ def test_repl_errors(tmp_path, run_dir, capsys):
 
 
 def test_hf_folder(tmp_path, model, tok, monkeypatch, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from microlm.model import to_hf_config
-    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(model.cfg))).eval()
+    from microlm.model import hf_model
+    hf = hf_model(model.cfg).eval()
     hf.load_state_dict(model.state_dict())
     hf.save_pretrained(tmp_path/"hf"); tok.save_pretrained(tmp_path/"hf")
     m, t = load_chat_model(tmp_path/"hf")

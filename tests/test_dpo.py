@@ -3,12 +3,11 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from microlm.config import ModelConfig
 from microlm.dpo import (PairBatches, dpo_batch_loss, dpo_loss, encode_pair, pair_batch, preference_pairs,
                          reference_logps, task_reward, token_logps, trl_dpo_loss)
-from microlm.model import MicroLM, to_hf_config
+from microlm.model import MicroLM, hf_model
 from microlm.tasks import SCHEMAS
 from microlm.tokenizer import to_hf, train_bpe
 
@@ -31,7 +30,7 @@ def models():
 
 
 def as_hf(model, tok):
-    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(model.cfg), pad_token_id=tok.pad_token_id))
+    hf = hf_model(model.cfg, pad_token_id=tok.pad_token_id)
     hf.load_state_dict(model.state_dict(), strict=False)
     return hf.eval()
 

@@ -78,6 +78,47 @@ def test_chat_template_identical(exported, tok_dir):
     assert (exported/"tokenizer.json").read_bytes() == (Path(tok_dir)/"tokenizer.json").read_bytes()
 
 
+def test_qk_norm_exports_as_qwen3_with_parity(tmp_path, tok_dir):
+    "A model with QK-norm is a Qwen3: transformers loads it as Qwen3ForCausalLM, same logits and greedy tokens."
+    torch.manual_seed(1)
+    m = MicroLM(replace(SMOKE.model, vocab_size=400, qk_norm=True)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)  # gains that are not all ones: a norm in the wrong place shows
+    out = export_hf(m, tok_dir, tmp_path/"qwen3")
+    cfg = json.loads((out/"config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["model_type"] == "qwen3"
+    assert not cfg.get("use_sliding_window") and cfg["head_dim"] == m.cfg.head_dim
+    hf, tok = load_hf(out)
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    ids = torch.tensor([tok.encode(TEXT)[:40], tok.encode(TEXT[100:])[:40]])
+    assert max_logit_diff(m, hf, ids) < 1e-5
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in CONVS]
+    assert [g.ids for g in generate(m, prompts, 20, stop_token_ids=default_stop_ids(tok))] == hf_greedy(hf, prompts, 20)
+    from microlm.export import LlamaCppLM, export_gguf, llama_greedy, load_gguf
+    import gguf
+    f = export_gguf(out, tmp_path/"q.gguf")
+    assert gguf.GGUFReader(f).fields["general.architecture"].contents() == "qwen3"
+    llm = load_gguf(f, logits_all=True, n_threads=1)
+    assert max_logit_diff(m, LlamaCppLM(llm), ids) < 1e-4
+    llm.close()
+    llm = load_gguf(f, n_threads=1)
+    assert llama_greedy(llm, prompts, 20) == [g.ids for g in generate(m, prompts, 20, stop_token_ids=default_stop_ids(tok))]
+    llm.close()
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (out/"config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GGUF is written here for one of"): export_gguf(out, tmp_path/"m.gguf")
+    assert not (tmp_path/"m.gguf").exists()
+
+
+def test_refuses_what_vllm_cannot_serve(tmp_path, tok_dir):
+    for option, msg in ((dict(hidden_act="relu2"), "run only 'silu'"), (dict(logit_softcap=30.0), "logit_softcap=30.0")):
+        m = MicroLM(replace(SMOKE.model, vocab_size=400, **option))
+        with pytest.raises(ValueError, match=msg): export_hf(m, tok_dir, tmp_path/"x")
+        assert not (tmp_path/"x").exists()
+
+
 def test_refuses_unsupported_head_size():
     bad = type("Cfg", (), {"head_dim": 48, "vocab_size": 1024})()
     with pytest.raises(ValueError, match="head size 48"): check_exportable(bad, 1024)

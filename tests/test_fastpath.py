@@ -26,6 +26,18 @@ def twins(cfg=CFG, seed=0):
     return plain, fast
 
 
+def assert_same_loss_and_gradients(plain, fast, ids, tgt):
+    "fp64 twins: the loss equal to 1e-12, every gradient equal to rounding."
+    grads = []
+    for m in (plain, fast):
+        loss = m(ids, targets=tgt).loss
+        grads.append((loss.item(), torch.autograd.grad(loss, list(m.parameters()))))
+    (lp, gp), (lf, gf) = grads
+    assert abs(lp - lf) < 1e-12
+    for a, b in zip(gf, gp):
+        assert (a - b).abs().max() <= 1e-10 * max(1.0, b.abs().max().item())
+
+
 @pytest.mark.parametrize("chunk", [0, 1, 33, 1000])
 def test_linear_cross_entropy_equals_cross_entropy_fp64(chunk):
     g = torch.Generator().manual_seed(0)
@@ -66,14 +78,37 @@ def test_fast_model_equals_plain_model_fp64():
     tgt[0, :4] = -100
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, fast(ids).logits)
-    grads = []
-    for m in (plain, fast):
-        loss = m(ids, targets=tgt).loss
-        grads.append((loss.item(), torch.autograd.grad(loss, list(m.parameters()))))
-    (lp, gp), (lf, gf) = grads
-    assert abs(lp - lf) < 1e-12
-    for a, b in zip(gf, gp):
-        assert (a - b).abs().max() <= 1e-10 * max(1.0, b.abs().max().item())
+    assert_same_loss_and_gradients(plain, fast, ids, tgt)
+
+
+@pytest.mark.parametrize("option", [dict(qk_norm=True), dict(hidden_act="relu2"), dict(logit_softcap=3.0)])
+def test_fast_model_equals_plain_model_with_architecture_options(option):
+    "QK-norm (through FastRMSNorm on 4-d queries), ReLU² and the soft-capped fused loss: same loss and gradients."
+    plain, fast = (m.double().train() for m in twins(replace(CFG, **option)))
+    with torch.no_grad():
+        for m in (plain, fast):
+            for p in m.parameters():
+                p.mul_(3) if p.dim() == 2 else p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(p.numel()))
+    ids = torch.randint(0, CFG.vocab_size, (2, 16))
+    tgt = F.pad(ids[:, 1:], (0, 1), value=-100)
+    assert_same_loss_and_gradients(plain, fast, ids, tgt)
+
+
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_linear_cross_entropy_softcap_equals_autograd_fp64(chunk):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 16, dtype=torch.float64, generator=g).mul(3).requires_grad_()
+    w = torch.randn(40, 16, dtype=torch.float64, generator=g).requires_grad_()
+    t = torch.randint(0, 40, (50,), generator=g)
+    t[::4] = -100
+    z = x @ w.t()
+    assert z.abs().max() > 6  # the cap binds
+    ref = F.cross_entropy(5.0 * torch.tanh(z / 5.0), t, ignore_index=-100)
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    got = linear_cross_entropy(x, w, t, chunk=chunk, cap=5.0)
+    gx, gw = torch.autograd.grad(got, (x, w))
+    assert abs(got.item() - ref.item()) < 1e-12
+    assert (gx - rx).abs().max() < 1e-12 and (gw - rw).abs().max() < 1e-12
 
 
 def test_targets_path_equals_labels_path_and_gradients():

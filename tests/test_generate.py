@@ -4,14 +4,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from helpers import lively
 from microlm.config import SMOKE
 from microlm.generate import (Generation, HFCausalLM, SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p,
                               generate, generate_text, holdback, left_pad, stream_ids, stream_text)
-from microlm.model import MicroLM, to_hf_config
+from microlm.model import MicroLM, hf_model
 from microlm.tokenizer import to_hf, train_bpe
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33, 34]]
@@ -58,7 +57,7 @@ def test_tensor_and_list_prompts_agree(model):
 
 
 def hf_twin(model):
-    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(model.cfg))).eval()
+    hf = hf_model(model.cfg).eval()
     hf.load_state_dict(model.state_dict())
     return hf
 

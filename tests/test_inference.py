@@ -13,7 +13,7 @@ from microlm.config import SMALL, SMOKE, Run
 from microlm.generate import Decoding, chat_prompt, default_stop_ids, generate
 from microlm.inference import (STEP_OPTIONS, CorpusLookup, DraftModel, FastLM, PromptLookup, answer_corpus,
                                corpus_lookup, draft_folder, draft_stage, linear, load_draft, lookup_continuation,
-                               ngram_table, speculative_benchmark, structured_prompts, time_decode)
+                               fast_model, ngram_table, speculative_benchmark, structured_prompts, time_decode)
 from microlm.model import MicroLM, load_model
 from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, session_pids
 from microlm.stages import ensure
@@ -115,6 +115,26 @@ def test_fast_equals_eager_small_architecture():
     assert generate(FastLM(m), prompts[1], 48)[0].ids == want[1]
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["layout", "compiled"])
+def test_fast_equals_eager_qk_norm(compile):
+    "QK-norm (Qwen3's block): the gains permuted with the paired rows; the same tokens batched and alone."
+    m = lively(MicroLM(replace(SMOKE.model, max_position_embeddings=96, qk_norm=True)), seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for n in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                n.weight.copy_(torch.rand(n.weight.shape, generator=g) + 0.5)  # gains that are not all ones
+    fast = FastLM(m, compile=compile)
+    want = ids_of(generate(m, PROMPTS, 40))
+    assert all(len(set(w)) > 8 for w in want)
+    assert ids_of(generate(fast, PROMPTS, 40)) == want
+    assert generate(fast, PROMPTS[1], 40)[0].ids == want[1]
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.allclose(fast(x).logits, m(x).logits, atol=1e-4, rtol=1e-5)
+    assert fast.compiled == compile and fast.step is not FastLM(lively(MicroLM(SMOKE.model))).step
+
+
 def test_fast_path_fills_the_context(model):
     fast, long = FastLM(model), list(range(4, 80))
     out = generate(fast, long, 100)[0]
@@ -123,6 +143,9 @@ def test_fast_path_fills_the_context(model):
 
 def test_fast_path_bad_input(model):
     with pytest.raises(ValueError, match="fp32"): FastLM(MicroLM(SMOKE.model).to(torch.bfloat16))
+    relu2 = MicroLM(replace(SMOKE.model, hidden_act="relu2"))
+    with pytest.raises(ValueError, match="SwiGLU, no soft-cap"): FastLM(relu2)
+    assert fast_model(relu2) is relu2  # the fast path steps aside: decoded by MicroLM itself
     with pytest.raises(ValueError, match="context"): generate(FastLM(model), list(range(3, 100)), 4)
     with pytest.raises(ValueError, match="exceed"): FastLM(model)(torch.zeros(1, 97, dtype=torch.long))
 

@@ -5,7 +5,7 @@ import pytest, torch
 from microlm.config import SMOKE, seed_everything
 from microlm.lora import (LoRALinear, apply_lora, load_adapter, lora_modules, merge_lora, read_adapter_config, save_adapter,
                           trainable_table)
-from microlm.model import MicroLM, load_model, save_model, to_hf_config
+from microlm.model import MicroLM, hf_model, load_model, save_model
 
 def lora_model(seed=0, cfg=SMOKE.lora):
     seed_everything(seed); m = apply_lora(MicroLM(SMOKE.model), cfg)
@@ -48,7 +48,7 @@ def test_own_equals_peft(tmp_path):
     cfg = json.loads((tmp_path/"ad/adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == SMOKE.lora.r
     seed_everything(0); base = MicroLM(SMOKE.model)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(SMOKE.model))).eval()
+    hf = hf_model(SMOKE.model).eval()
     hf.load_state_dict(base.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore"); pm = peft.PeftModel.from_pretrained(hf, tmp_path/"ad").eval()

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from microlm.config import SMOKE, atomic_write
-from microlm.model import (CONFIG, WEIGHTS, MicroLM, count_params, load_model, lm_loss,
-                           positions_and_mask, save_model, to_hf_config)
+from microlm.model import (CONFIG, WEIGHTS, MicroLM, count_params, hf_classes, hf_model, load_model, lm_loss,
+                           positions_and_mask, save_model, softcap, to_hf_config)
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 BASE_CFG = replace(SMOKE.model, vocab_size=512)
@@ -21,6 +20,10 @@ CONFIGS = {
     "tied-gqa4-theta": replace(BASE_CFG, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0),
     "untied-gqa4-3layers": replace(BASE_CFG, hidden_size=128, num_attention_heads=4, num_key_value_heads=1,
                                    num_hidden_layers=3, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "qk-norm": replace(BASE_CFG, qk_norm=True),  # Qwen3's twin
+    "qk-norm-relu2-untied": replace(BASE_CFG, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                    qk_norm=True, hidden_act="relu2", tie_word_embeddings=False),
+    "relu2": replace(BASE_CFG, hidden_act="relu2"),
 }
 
 
@@ -28,12 +31,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads
 
 
 def make(cfg, seed=0):
+    "A model whose norm gains are not all ones, so that a norm applied in the wrong place cannot hide."
     torch.manual_seed(seed)
-    return MicroLM(cfg).eval()
+    m = MicroLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return m
 
 
 def hf_twin(model, **over):
-    hf = LlamaForCausalLM(LlamaConfig(**{**to_hf_config(model.cfg), **over})).eval()
+    conf, cls = hf_classes(model.cfg)
+    hf = cls(conf(**{**to_hf_config(model.cfg), **over})).eval()
     hf.load_state_dict(model.state_dict(), strict=True)  # same names, no renaming
     return hf
 
@@ -49,7 +59,8 @@ def left_padded(cfg, lens, T, seed=1):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_state_dict_keys_and_shapes_match_hf(name):
     ours = make(CONFIGS[name])
-    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(ours.cfg)))
+    hf = hf_model(ours.cfg)
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if ours.cfg.qk_norm else "LlamaForCausalLM")
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
     assert count_params(ours) == sum(p.numel() for p in hf.parameters())
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == ours.cfg.tie_word_embeddings
@@ -143,7 +154,7 @@ def greedy_full(model, ids, am, n):
     return torch.stack(toks, 1), torch.stack(logits, 1)
 
 
-@pytest.mark.parametrize("name", ["tied-gqa", "untied-gqa4-3layers"])
+@pytest.mark.parametrize("name", ["tied-gqa", "untied-gqa4-3layers", "qk-norm-relu2-untied"])
 def test_cache_equals_no_cache_batched_left_padded(name):
     m = make(CONFIGS[name])
     ids, am = left_padded(m.cfg, [9, 4, 1], 9)
@@ -271,3 +282,51 @@ def test_bf16_model_still_runs_rope_in_fp32():
     with torch.no_grad(): lo = m(ids).logits.float()
     c = m.new_cache(1, 8); assert c.k[0].dtype == torch.bfloat16
     assert (lo - ref).abs().max() < 0.1
+
+
+def test_qk_norm_normalises_each_head_and_is_sensitive():
+    "QK-norm: every head's query and key has unit RMS times the gain; the twin without it differs."
+    m = make(CONFIGS["qk-norm"])
+    a = m.model.layers[0].self_attn
+    seen = {}
+    a.q_norm.register_forward_hook(lambda mod, i, o: seen.update(q_in=i[0], q_out=o))
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        with_norm = m(ids).logits
+        q = seen["q_in"]  # (B, T, heads, head_dim): normalised per head, before RoPE
+        want = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + m.cfg.rms_norm_eps) * a.q_norm.weight
+        assert q.shape[-2:] == (m.cfg.num_attention_heads, m.cfg.head_dim)
+        assert (seen["q_out"] - want).abs().max() < 1e-6
+        plain = MicroLM(replace(m.cfg, qk_norm=False)).eval()
+        plain.load_state_dict({k: v for k, v in m.state_dict().items() if "_norm." not in k or "layernorm" in k})
+        assert (plain(ids).logits - with_norm).abs().max() > 1e-3
+
+
+def test_softcap_bounds_logits_and_loss():
+    cap = 2.0
+    m = make(replace(BASE_CFG, logit_softcap=cap))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4)  # large logits, so that the cap binds
+        ids = torch.randint(0, m.cfg.vocab_size, (2, 12))
+        out = m(ids, labels=ids)
+    assert out.logits.abs().max() < cap
+    uncapped = MicroLM(replace(m.cfg, logit_softcap=0.0)).eval()
+    uncapped.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        ref = uncapped(ids).logits
+        assert ref.abs().max() > cap  # the cap did something
+        assert torch.allclose(out.logits, cap * torch.tanh(ref / cap), atol=1e-6)
+        assert torch.allclose(out.loss, lm_loss(softcap(ref, cap), ids), atol=1e-6)
+        tgt = F.pad(ids[:, 1:], (0, 1), value=-100)
+        assert torch.allclose(m(ids, targets=tgt).loss, out.loss, atol=1e-5)
+    assert torch.equal(softcap(ref, 0.0), ref)
+
+
+def test_architecture_options_errors():
+    with pytest.raises(ValueError, match="hidden_act must be one of"):
+        replace(BASE_CFG, hidden_act="gelu")
+    with pytest.raises(ValueError, match="logit_softcap must be >= 0"):
+        replace(BASE_CFG, logit_softcap=-1.0)
+    with pytest.raises(ValueError, match="neither LlamaConfig nor Qwen3Config holds a logit soft-cap"):
+        to_hf_config(replace(BASE_CFG, logit_softcap=30.0))

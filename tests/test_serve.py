@@ -136,3 +136,29 @@ def test_offline_generate_matches_transformers(tiny):
     for p, o in zip(prompts, outs):
         ref = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
         assert o["token_ids"][:len(ref)] == ref
+
+
+@pytest.mark.slow
+def test_qk_norm_model_served_as_qwen3_equals_own_and_transformers(tiny, tmp_path):
+    "The parity chain for QK-norm: own generate == transformers' Qwen3 == vLLM's Qwen3, greedy, token for token."
+    import torch
+    from dataclasses import replace
+    from microlm.config import SMOKE
+    from microlm.export import export_hf, hf_greedy, load_hf
+    from microlm.generate import default_stop_ids, generate
+    from microlm.model import MicroLM
+    from microlm.tokenizer import load_tokenizer
+    torch.manual_seed(0)
+    own = MicroLM(replace(SMOKE.model, vocab_size=1024, qk_norm=True)).eval()
+    with torch.no_grad():
+        for p in own.parameters():
+            p.mul_(5) if p.dim() == 2 else p.uniform_(0.5, 1.5)  # peaked logits and gains that are not ones
+    out = export_hf(own, tiny["model"], tmp_path/"qwen3")
+    assert json.loads((out/"config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    prompts = [[5, 6, 7, 8, 9], [100, 200, 300, 17]]
+    ours = [g.ids for g in generate(own, prompts, 12, stop_token_ids=default_stop_ids(load_tokenizer(out)))]
+    assert sum(map(len, ours)) > 2
+    hf, _ = load_hf(out)
+    assert hf_greedy(hf, prompts, 12) == ours
+    served = offline_generate(out, prompts, max_tokens=12, ignore_eos=True)  # a stop token, if any, is where ours ends
+    assert [o["token_ids"][:len(g)] for o, g in zip(served, ours)] == ours

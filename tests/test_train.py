@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from microlm.config import SMOKE, DataConfig, ModelConfig, Run, TrainConfig, stable_hash
 from microlm.model import MicroLM, load_model
 from microlm.train import (CheckpointError, CheckpointMismatch, TokenWindows, eval_windows, latest_checkpoint, list_checkpoints,
-                           Optimizers, fit_steps, lr_at, make_optimizer, muon_split, param_groups, pretrain_stage, read_checkpoint, read_log, train)
+                           Optimizers, fit_steps, lr_at, make_optimizer, next_token_loss, ramp_at, muon_split, param_groups, pretrain_stage, read_checkpoint, read_log, train)
 from microlm.stages import is_current, stage_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,7 @@ def tiny_train(out, cfg, model_cfg=TINY, **kw):
 CFG = TrainConfig(batch_size=4, seq_len=32, max_steps=12, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=6, eval_batches=2,
                   ckpt_every=4, keep_ckpts=3, dtype="fp32")
 MUON = replace(CFG, optimizer="muon", dropout=0.1)  # with residual dropout: its masks must resume exactly too
+RAMP = replace(CFG, batch_ramp=6, seq_ramp=8, shuffle="epoch")  # killed at step 7: inside the sequence-length warmup
 
 
 def test_schedule_shape():
@@ -94,9 +95,9 @@ def test_muon_learns(trained, trained_muon):
 RESUME_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_train import CFG, MUON, tiny_train
+    from test_train import CFG, MUON, RAMP, tiny_train
     from safetensors.torch import save_file
-    out, kill_at, cfg = sys.argv[1], int(sys.argv[2]), {{"adamw": CFG, "muon": MUON}}[sys.argv[3]]
+    out, kill_at, cfg = sys.argv[1], int(sys.argv[2]), {{"adamw": CFG, "muon": MUON, "ramp": RAMP}}[sys.argv[3]]
     def on_step(step, rec):
         if step == kill_at: os.kill(os.getpid(), signal.SIGKILL)     # a real, uncatchable kill mid-run
     s = tiny_train(out, cfg, on_step=on_step, log_every=1)
@@ -109,10 +110,10 @@ def _final_weights(out):
     return ck, load_file(str(ck/"model.safetensors"))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "ramp"])
 def test_exact_resume_after_sigkill(optimizer, request, tmp_path):
     "Kill a run with SIGKILL after its step-4 checkpoint; the resumed run ends bit-identical to the uninterrupted one."
-    trained = request.getfixturevalue({"adamw": "trained", "muon": "trained_muon"}[optimizer])
+    trained = request.getfixturevalue({"adamw": "trained", "muon": "trained_muon", "ramp": "trained_ramp"}[optimizer])
     script = tmp_path/"run.py"; script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent)))
     run = lambda out, kill: subprocess.run([sys.executable, str(script), str(out), str(kill), optimizer], env=ENV,
                                            capture_output=True, text=True)
@@ -207,6 +208,36 @@ def test_fresh_start_discards_old_checkpoints(trained, tmp_path):
     s = tiny_train(out, replace(CFG, max_steps=4), resume=False)
     assert s["steps"] == 4 and [p.name for p in list_checkpoints(out/"ckpt")] == ["step_000004"]
     assert max(r["step"] for r in read_log(out/"log.jsonl")) == 4
+
+
+@pytest.fixture(scope="module")
+def trained_ramp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ramp")
+    shapes = []
+    loss = lambda m, x, y: (m.training and shapes.append(tuple(x.shape))) or next_token_loss(m, x, y)  # training only
+    return out, tiny_train(out, RAMP, log_every=1, loss_fn=loss), shapes
+
+
+def test_ramp_at():
+    cfg = TrainConfig(batch_size=16, seq_len=256, batch_ramp=100, seq_ramp=40)
+    assert [ramp_at(s, cfg)[0] for s in (0, 50, 99, 100, 500)] == [4, 10, 15, 16, 16]   # a quarter, up to the batch
+    assert [ramp_at(s, cfg)[1] for s in (0, 19, 20, 39, 40)] == [64, 64, 128, 128, 256]  # a quarter, a half, whole
+    assert ramp_at(0, TrainConfig(batch_size=2, seq_len=8)) == (2, 8)                    # no warmups: constant
+    with pytest.raises(ValueError, match="seq_len=30 is not a multiple of 4"): TrainConfig(seq_len=30, seq_ramp=10)
+    with pytest.raises(ValueError, match="batch_ramp must be >= 0"): TrainConfig(batch_ramp=-1)
+
+
+def test_ramps_in_training(trained_ramp, tmp_path):
+    "The warmups shape the batches the model sees, count tokens by what it read, and need TokenWindows for the batch."
+    out, s, shapes = trained_ramp
+    want = [(ramp_at(i, RAMP)[0] * RAMP.seq_len // ramp_at(i, RAMP)[1], ramp_at(i, RAMP)[1]) for i in range(12)]
+    assert shapes[:12] == want and want[0] == (4, 8) and want[7] == (8, 16) and want[8] == (4, 32)
+    assert s["tokens"] == sum(b * t for b, t in want)
+    assert [r["tokens"] for r in read_log(out/"log.jsonl") if "loss" in r][-1] == s["tokens"]
+    toks = markov_tokens()
+    listed = lambda: (torch.from_numpy(toks[:32].astype(np.int64))[None], torch.from_numpy(toks[1:33].astype(np.int64))[None])
+    with pytest.raises(ValueError, match="batch_ramp=6 needs TokenWindows"):
+        train(MicroLM(TINY), listed, RAMP, tmp_path/"x", progress=False)
 
 
 def test_fit_steps():

@@ -327,8 +327,9 @@ class Preset:
     seed: int = 1337
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
-    model: ModelConfig = ModelConfig()
-    # `small`: the speedrun's recipe (06a_speedrun), fitted to ten minutes; max_steps only caps fast machines
+    # `small`: the speedrun's recipe (06a_speedrun): QK-norm (exported as Qwen3), and pretraining fitted to ten
+    # minutes; max_steps only caps fast machines
+    model: ModelConfig = ModelConfig(qk_norm=True)
     pretrain: TrainConfig = TrainConfig(
         max_steps=3000, lr=5e-3, min_lr=5e-4, eval_batches=10, optimizer="muon", weight_decay=0.5,
         momentum_warmup=300, shuffle="epoch", fit_minutes=10.0,

@@ -69,7 +69,7 @@ def step_speeds(models: dict, mcfg: ModelConfig, batch_size: int, seq_len: int, 
 
 
 def ours_and_hf(mcfg: ModelConfig) -> dict:
-    "The own model (with its training fast paths) and `transformers`' Llama of the same config, same seed."
+    "The own model (with its training fast paths) and its `transformers` twin (Llama; Qwen3 with QK-norm), same seed."
     seed_everything(0)
     ours = FastMicroLM(mcfg)
     seed_everything(0)
@@ -83,11 +83,13 @@ def train_throughput(threads: int = 2, plan=((SMOKE, 8, 10), (SMALL, 16, 20), (B
     rows = []
     for p, bs, steps in plan:
         T = p.pretrain.seq_len
-        r = step_speeds(ours_and_hf(p.model), p.model, bs, T, steps)
+        models = ours_and_hf(p.model)
+        r = step_speeds(models, p.model, bs, T, steps)
         fl = train_flops_per_token(p.model, T)
         rows.append(
             {
                 "preset": p.name,
+                "transformers": type(models["hf"]).__name__,
                 "batch": f"{bs}×{T}",
                 "steps": steps,
                 "ours_tok_s": round(r["ours"]),

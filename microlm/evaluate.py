@@ -16,7 +16,7 @@ from openai import OpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import Run, atomic_write, save_figure
-from .export import OWN_MODELS, hf_greedy, load_own
+from .export import OWN_MODELS, hf_greedy, hf_to_own, load_own
 from .generate import context_length, default_stop_ids, generate, special_id
 from .inference import fast_model
 from .model import load_model
@@ -344,7 +344,7 @@ LEADERBOARD = (
 def model_backend(
     run: Run, name: str, max_new_tokens: int | None = None, examples: list[dict] | None = None
 ) -> Backend:
-    "The backend that evaluates model `name` of `run`: own `generate` for own models, `transformers` for the others."
+    "The backend that evaluates model `name` of `run`: own `generate`, on the own weights or on the folder's (SmolLM2)."
     cfg = run.preset.eval
     new = max_new_tokens or cfg.max_new_tokens
     base, constrained = name.removesuffix(CONSTRAINED), name.endswith(CONSTRAINED)
@@ -359,7 +359,8 @@ def model_backend(
             f"{folder / 'config.json'} not found: run the "
             f"{'pretrained' if name.startswith('smol') else 'export'} stage first"
         )
-    return hf_backend(folder, new, cfg.batch_size, dtype="auto")  # as stored (SmolLM2: bf16, as vLLM serves it)
+    # SmolLM2 in the own engine, as stored (bf16, as vLLM serves it)
+    return own_backend(hf_to_own(folder), AutoTokenizer.from_pretrained(folder), new, cfg.batch_size)
 
 
 def evaluate_models(

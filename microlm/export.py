@@ -16,22 +16,22 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .config import VLLM_CPU_HEAD_SIZES, Run, atomic_dir, atomic_path, atomic_write
 from .data import EOT
 from .lora import load_adapter, merge_lora
-from .model import MicroLM, hf_classes, load_model, to_hf_config
+from .model import MicroLM, check_state_dict, from_hf_config, hf_classes, load_model, to_hf_config
 from .stages import stage_body
 from .tokenizer import STOP_TOKENS, load_tokenizer, load_tokens
 
 # %% auto #0
 __all__ = ['TOKENIZER_FILES', 'GGUF_ARCHS', 'GGUF_TYPES', 'GGUF_EXPORT', 'OWN_MODELS', 'check_exportable', 'copy_tokenizer_files',
-           'hf_config_for', 'export_hf', 'load_hf', 'max_logit_diff', 'hf_greedy', 'gguf_tensor_names', 'permute_qk',
-           'gguf_chat_template', 'gguf_tokenizer', 'gguf_tensor_type', 'check_gguf_type', 'export_gguf', 'load_gguf',
-           'gguf_context', 'gguf_stop_ids', 'llama_greedy', 'LlamaCppLM', 'first_difference', 'gguf_chat_prompt',
-           'llama_chat', 'load_own', 'lora_adapter_dir', 'export_adapter', 'peft_logit_diff', 'gguf_path',
-           'export_gguf_models', 'export_stage']
+           'hf_config_for', 'export_hf', 'load_hf', 'hf_to_own', 'max_logit_diff', 'hf_greedy', 'gguf_tensor_names',
+           'permute_qk', 'gguf_chat_template', 'gguf_tokenizer', 'gguf_tensor_type', 'check_gguf_type', 'export_gguf',
+           'load_gguf', 'gguf_context', 'gguf_stop_ids', 'llama_greedy', 'LlamaCppLM', 'first_difference',
+           'gguf_chat_prompt', 'llama_chat', 'load_own', 'lora_adapter_dir', 'export_adapter', 'peft_logit_diff',
+           'gguf_path', 'export_gguf_models', 'export_stage']
 
 # %% ../nbs/15_export.ipynb #f15f9a88
 def check_exportable(
@@ -124,6 +124,20 @@ def load_hf(folder: str | Path, dtype=torch.float32):
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face model folder")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def hf_to_own(folder: str | Path, dtype="auto") -> MicroLM:
+    "A Hugging Face Llama or Qwen3 folder as a `MicroLM` (the inverse of `export_hf`), in `dtype` ('auto': as stored)."
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face model folder")
+    cfg = from_hf_config(AutoConfig.from_pretrained(folder), str(folder / "config.json"))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)  # transformers reads the weights, in any layout
+    sd = {k: v for k, v in hf.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    model = MicroLM(cfg)
+    check_state_dict(sd, model, str(folder))
+    model.load_state_dict(sd, strict=not cfg.tie_word_embeddings)
+    return model.to(hf.dtype).eval()
 
 
 @torch.no_grad()

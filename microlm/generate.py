@@ -15,10 +15,10 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['SamplingParams', 'apply_repetition_penalty', 'apply_top_k', 'apply_top_p', 'process_logits', 'next_token',
            'model_device', 'model_config', 'context_length', 'left_pad', 'choose_tokens', 'accepted_drafts',
-           'forward_last', 'truncate_cache', 'iter_next_tokens', 'Generation', 'visible_text', 'special_id',
-           'end_of_turn_id', 'default_stop_ids', 'Decoding', 'generate', 'stream_ids', 'holdback', 'stream_text',
-           'generate_text', 'chat_prompt', 'generate_reply', 'grammar_specs', 'compile_grammar', 'closing_tiers',
-           'Constraint', 'HFCausalLM', 'time_generation', 'benchmark_generation']
+           'forward_last', 'truncate_cache', 'select_rows', 'shrink_to', 'iter_next_tokens', 'Generation',
+           'visible_text', 'special_id', 'end_of_turn_id', 'default_stop_ids', 'Decoding', 'generate', 'stream_ids',
+           'holdback', 'stream_text', 'generate_text', 'chat_prompt', 'generate_reply', 'grammar_specs',
+           'compile_grammar', 'closing_tiers', 'Constraint', 'HFCausalLM', 'time_generation', 'benchmark_generation']
 
 # %% ../nbs/07_generate.ipynb #fd6f8f2e
 @dataclass(frozen=True)
@@ -207,6 +207,24 @@ def truncate_cache(cache, length: int) -> None:
         cache.length = length
 
 
+def select_rows(cache, rows: torch.Tensor) -> None:
+    "Keep only batch rows `rows` of the cache, in that order: `KVCache.select`, or a `transformers` cache's own."
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(rows)
+    else:
+        cache.select(rows)
+
+
+def shrink_to(rows: list[int], done: Sequence[bool]) -> torch.Tensor | None:
+    "The batch rows to keep once unfinished rows fit a smaller power of two (finished rows fill it up), or None."
+    running = [i for i, r in enumerate(rows) if not done[r]]
+    size = 1 << max(len(running) - 1, 0).bit_length()  # the next power of two: few batch sizes, few compiled steps
+    if not running or size >= len(rows):
+        return None
+    passengers = [i for i, r in enumerate(rows) if done[r]][: size - len(running)]
+    return torch.tensor(sorted(running + passengers))
+
+
 @torch.inference_mode()  # like no_grad, and cheaper per operation: no view or version tracking
 def iter_next_tokens(
     model,
@@ -227,6 +245,9 @@ def iter_next_tokens(
         mask = None  # no padding: the model's plain causal fast path
     cache = model.new_cache(B, T + n) if use_cache else None
     x, left = ids, n
+    # finished rows leave the batch (`shrink_to`): `rows` are the prompts still decoded; not with drafts, whose
+    # proposer keeps its own rows
+    rows, compact = list(range(B)), done is not None and draft is None and use_cache
     while left > 0:
         d = draft.propose(ids, mask) if draft is not None and left > 1 else None  # (B, k) guesses, or None
         d = None if d is None or d.size(1) == 0 else d[:, : left - 1].to(ids.device)
@@ -234,7 +255,7 @@ def iter_next_tokens(
         if k:
             x = torch.cat([x, d], 1)
         m_in = mask if mask is None or not k else F.pad(mask, (0, k), value=1)
-        logits = forward_last(model, x, m_in, cache, k + 1).view(B, k + 1, -1)  # (B, 1+k, V)
+        logits = forward_last(model, x, m_in, cache, k + 1).view(len(rows), k + 1, -1)  # (B, 1+k, V)
         toks = choose_tokens(logits, ids, d, sp, generator, mask, constraint)  # (B, 1+k): the model's own picks
         m = 1 + (accepted_drafts(toks, d, done) if k else 0)
         toks = toks[:, :m]
@@ -243,13 +264,22 @@ def iter_next_tokens(
         if stats is not None:
             stats.update(forwards=stats.get("forwards", 0) + 1, drafted=stats.get("drafted", 0) + k)
             stats["accepted"] = stats.get("accepted", 0) + m - 1
+        if len(rows) < B:  # every prompt's row in the output; the ones that left are finished and ignored
+            toks = torch.zeros(B, m, dtype=toks.dtype, device=toks.device).index_copy_(0, torch.tensor(rows, device=toks.device), toks)
         yield toks
+        toks = toks[rows] if len(rows) < B else toks
         ids, left = torch.cat([ids, toks], 1), left - m
         if mask is not None:
             mask = F.pad(mask, (0, m), value=1)
         if use_cache and k:
             truncate_cache(cache, ids.size(1) - 1)  # rejected drafts leave the cache
         x = toks[:, -1:] if use_cache else ids  # without a cache the whole sequence is recomputed
+        if compact and left > 0 and (keep := shrink_to(rows, done)) is not None:
+            ids, x, mask = ids[keep], x[keep], None if mask is None else mask[keep]
+            select_rows(cache, keep.to(ids.device))
+            if constraint is not None:
+                constraint.select(keep.tolist())
+            rows = [rows[i] for i in keep.tolist()]
 
 # %% ../nbs/07_generate.ipynb #eaf5c52b
 @dataclass
@@ -650,6 +680,12 @@ class Constraint:
             if n:
                 m.rollback(n)
         self.xgr.apply_token_bitmask_inplace(logits.view(B * P, V), bits, vocab_size=min(V, self.vocab_size))
+
+    def select(self, rows: list[int]) -> None:
+        "Keep the matchers (and budgets) of batch rows `rows`, in that order: finished rows left the batch."
+        self.matchers = [self.matchers[i] for i in rows]
+        if self.left is not None:
+            self.left = [self.left[i] for i in rows]
 
     def accept(self, toks: torch.Tensor) -> None:
         "Advance each row's matcher by its new tokens (B, m)."

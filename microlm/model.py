@@ -18,9 +18,10 @@ from .config import ModelConfig, atomic_path, atomic_write
 
 # %% auto #0
 __all__ = ['HF_FIELDS', 'WEIGHTS', 'CONFIG', 'rms_norm', 'RMSNorm', 'rope_inv_freq', 'rope_cos_sin', 'rotate_half', 'apply_rope',
-           'relu2', 'MLP', 'Attention', 'positions_and_mask', 'DecoderLayer', 'set_dropout', 'init_weights',
-           'ModelOutput', 'softcap', 'lm_loss', 'MicroLM', 'KVCache', 'count_params', 'to_hf_config', 'hf_classes',
-           'hf_model', 'save_model', 'read_model_config', 'check_state_dict', 'load_model']
+           'relu2', 'MLP', 'cached_attention', 'Attention', 'positions_and_mask', 'DecoderLayer', 'set_dropout',
+           'init_weights', 'ModelOutput', 'softcap', 'lm_loss', 'MicroLM', 'KVCache', 'count_params', 'to_hf_config',
+           'hf_classes', 'hf_model', 'from_hf_config', 'save_model', 'read_model_config', 'check_state_dict',
+           'load_model']
 
 # %% ../nbs/05_model.ipynb #65958319
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -85,6 +86,20 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 # %% ../nbs/05_model.ipynb #de164b1a
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    "A few new queries (B, nh, T, hd) on cached keys and values (B, nkv, S, hd): attention by plain products."
+    # the CPU's flash-attention kernel, fine for a prompt, is slow for a decoding step's few queries in bf16: a bf16
+    # model's steps (SmolLM2 as stored) take this. Its arithmetic follows the kernel's (scores and softmax in fp32, the
+    # unnormalised weights rounded to the model's dtype before they meet the values), but not its order of sums
+    B, nh, T, hd = q.shape
+    nkv, S = k.size(1), k.size(2)
+    s = q.float().reshape(B, nkv, nh // nkv * T, hd) @ k.float().transpose(-1, -2) * hd**-0.5  # query heads by key head
+    if mask is not None:  # (B or 1, 1, T, S): the same mask for each query head of a key head
+        s = s.view(B, nkv, nh // nkv, T, S).masked_fill(~mask[:, :, None], float("-inf")).view_as(s)
+    e = (s - s.amax(-1, keepdim=True)).exp()
+    return ((e.to(q.dtype).float() @ v.float()) / e.sum(-1, keepdim=True)).view(B, nh, T, hd).to(q.dtype)
+
+
 class Attention(nn.Module):
     "Causal grouped-query self-attention with RoPE (after QK-norm, if set), through `scaled_dot_product_attention`."
 
@@ -112,7 +127,10 @@ class Attention(nn.Module):
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         causal = mask is None and (cache is None or cache.length == 0)  # no offset, no padding: the fast path
         if cache is not None:
+            past = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
+            if past and q.dtype != torch.float32 and q.device.type == "cpu":  # bf16 decoding (`cached_attention`)
+                return self.o_proj(cached_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, self.nh * self.hd))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -331,6 +349,12 @@ class KVCache:
             )
         return self.mask[:, :e]
 
+    def select(self, rows: Tensor) -> None:
+        "Keep only batch rows `rows` (indices), in that order: finished sequences leave a batch being decoded."
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        self.mask = None if self.mask is None else self.mask[rows]
+        self.batch_size = len(rows)
+
     def reset(self):
         self.length, self.mask = 0, None
 
@@ -372,6 +396,31 @@ def hf_model(cfg: ModelConfig, **kw) -> nn.Module:
     "A randomly initialised `transformers` model of `cfg`'s architecture (`kw` go to its config)."
     conf, model = hf_classes(cfg)
     return model(conf(**to_hf_config(cfg), **kw))
+
+
+def from_hf_config(hc, source: str = "config.json") -> ModelConfig:
+    "The `ModelConfig` of a `transformers` Llama or Qwen3 config (the inverse of `to_hf_config`); clear errors."
+    kind = getattr(hc, "model_type", None)
+    if kind not in ("llama", "qwen3"):
+        raise ValueError(f"{source}: model_type {kind!r}; MicroLM holds 'llama' and 'qwen3' models")
+    rope = getattr(hc, "rope_parameters", None) or {}
+    problems = [f"{k}=True" for k in ("attention_bias", "mlp_bias") if getattr(hc, k, False)]
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type {rope['rope_type']!r} (MicroLM's RoPE is the plain one)")
+    if getattr(hc, "use_sliding_window", False):
+        problems.append("use_sliding_window=True")
+    if problems:
+        raise ValueError(f"{source}: MicroLM has no {', '.join(problems)}")
+    kw = {k: getattr(hc, k) for k in HF_FIELDS if k not in ("head_dim", "rope_theta")}
+    try:
+        cfg = ModelConfig(**kw, rope_theta=float(rope.get("rope_theta", 10000.0)), qk_norm=kind == "qwen3")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+    if getattr(hc, "head_dim", None) not in (None, cfg.head_dim):
+        raise ValueError(
+            f"{source}: head_dim {hc.head_dim} is not hidden_size/num_attention_heads={cfg.head_dim}, as MicroLM's is"
+        )
+    return cfg
 
 # %% ../nbs/05_model.ipynb #d28e1b30
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

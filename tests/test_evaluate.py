@@ -163,6 +163,9 @@ def test_own_and_hf_backends_agree(tmp_path):
     b = hf_backend(folder, max_new_tokens=12, batch_size=2)(convs)
     assert a == b and len(a) == 3
     assert own_backend(m, tok_dir, max_new_tokens=12, batch_size=3)(convs) == a          # batching does not change answers
+    from microlm.export import hf_to_own                   # a Hugging Face folder in the own engine, as SmolLM2 is evaluated
+    from transformers import AutoTokenizer
+    assert own_backend(hf_to_own(folder), AutoTokenizer.from_pretrained(folder), max_new_tokens=12, batch_size=2)(convs) == a
 
 
 def test_judgement_when_nothing_parses():

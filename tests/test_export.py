@@ -8,8 +8,8 @@ import torch
 
 from microlm.config import SMOKE, LoraConfig, Run
 from microlm.generate import default_stop_ids, generate
-from microlm.export import (check_exportable, export_adapter, export_hf, export_stage, hf_greedy, load_hf, max_logit_diff,
-                            peft_logit_diff)
+from microlm.export import (check_exportable, export_adapter, export_hf, export_stage, hf_greedy, hf_to_own, load_hf,
+                            max_logit_diff, peft_logit_diff)
 from microlm.model import MicroLM
 from microlm.tokenizer import load_tokenizer, save_tokenizer, to_hf, train_bpe
 
@@ -152,3 +152,21 @@ def test_peft_loads_own_adapter(tmp_path, model, tok_dir):
 
 def test_export_stage_names_missing_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"): export_stage(Run(tmp_path, "smoke"))
+
+
+def test_hf_to_own_reads_llama_and_qwen3_folders(tmp_path, model, exported, tok_dir):
+    "Any Llama or Qwen3 folder becomes a MicroLM with the same weights (the inverse of export_hf), in its stored dtype."
+    own = hf_to_own(exported)
+    assert own.cfg == model.cfg and all(torch.equal(a, b) for a, b in zip(own.state_dict().values(), model.state_dict().values()))
+    hf, _ = load_hf(exported)
+    ids = torch.randint(0, 400, (2, 12))
+    assert max_logit_diff(own, hf, ids) < 1e-5
+    torch.manual_seed(3)
+    q = MicroLM(replace(SMOKE.model, vocab_size=400, qk_norm=True, tie_word_embeddings=False)).eval()
+    hf_q = load_hf(export_hf(q, tok_dir, tmp_path/"qwen3"))[0]
+    hf_q.to(torch.bfloat16).save_pretrained(tmp_path/"bf16")               # a folder stored in bf16, as SmolLM2 is
+    back = hf_to_own(tmp_path/"bf16")
+    assert back.cfg == q.cfg and back.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(back.lm_head.weight, q.lm_head.weight.bfloat16())
+    assert hf_to_own(tmp_path/"bf16", dtype=torch.float32).lm_head.weight.dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match="no config.json"): hf_to_own(tmp_path/"nothing")

@@ -336,3 +336,51 @@ def test_end_of_turn_id(tok):
     assert end_of_turn_id(tok) == tok.get_vocab()["<|im_end|>"]  # ChatML's end of turn
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<eos>": 1})), eos_token="<eos>")
     assert end_of_turn_id(plain) == 1  # no <|im_end|>: the turn ends with EOS
+
+
+def test_shrink_to():
+    from microlm.generate import shrink_to
+    done = [True, False, True, True, False, True, True, True]
+    assert shrink_to(list(range(8)), done).tolist() == [1, 4]               # 2 running: a batch of 2
+    assert shrink_to([0, 1, 2, 4], done).tolist() == [1, 3]                 # indices into the current rows
+    assert shrink_to([1, 4], done) is None                                  # already as small as it gets
+    assert shrink_to(list(range(8)), [False] * 5 + [True] * 3) is None       # 5 running: still 8
+    assert shrink_to(list(range(6)), [False] * 3 + [True] * 3).tolist() == [0, 1, 2, 3]  # 4: a finished row rides along
+    assert shrink_to(list(range(3)), [True] * 3) is None                    # all finished: the loop ends
+
+
+class Widths(torch.nn.Module):
+    "A model wrapper that records the batch size of every forward pass."
+    def __init__(self, m):
+        super().__init__(); self.m, self.cfg, self.widths = m, m.cfg, []
+    def new_cache(self, *a, **kw): return self.m.new_cache(*a, **kw)
+    def forward(self, ids, **kw):
+        self.widths.append(ids.size(0)); return self.m(ids, **kw)
+
+
+def test_finished_rows_leave_the_batch(model):
+    "Rows that stop leave the batch (8 -> 4 -> 2 -> 1 rows), and every row's tokens stay what it gets alone."
+    prompts = [PROMPTS[i % 3][: 2 + i] for i in range(8)]
+    free = generate(model, prompts, 24)
+    stops = [g.ids[2 + 3 * (i % 5)] for i, g in enumerate(free)]          # each row its own stop, at another step
+    w = Widths(model)
+    run = Decoding(w, prompts, 24)
+    run.stop_ids = set(stops)
+    for _ in run.steps(): pass
+    alone = [generate(model, p, 24, stop_token_ids=stops)[0] for p in prompts]
+    assert ids_of(run.results) == ids_of(alone) and [g.finish_reason for g in run.results] == [g.finish_reason for g in alone]
+    assert w.widths[0] == 8 and w.widths[-1] < 8 and w.widths == sorted(w.widths, reverse=True)
+    assert set(w.widths) <= {8, 4, 2, 1}
+    for s in (dict(), dict(temperature=1.0, seed=4)):  # sampled rows too: the same seed, the same answers
+        assert ids_of(generate(model, prompts, 24, stop_token_ids=stops, **s)) == ids_of(generate(model, prompts, 24, stop_token_ids=stops, **s))
+
+
+def test_constrained_rows_leave_the_batch_with_their_grammars(tok, tok_model):
+    "Short answers finish first and leave; the grammars of the rows that stay move with them."
+    prompts = [tok.encode(t) for t in PHRASES]
+    regexes = ["a|b", r"[a-z]{12,20}", "yes|no", r"[0-9]{10,14}"]
+    w = Widths(tok_model)
+    mixed = generate(w, prompts, 30, tokenizer=tok, regex=regexes)
+    alone = [generate(tok_model, [p], 30, tokenizer=tok, regex=r)[0].text for p, r in zip(prompts, regexes)]
+    assert [g.text for g in mixed] == alone and min(w.widths) < 4
+    assert all(re.fullmatch(r, g.text) for r, g in zip(regexes, mixed))

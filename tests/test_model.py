@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from microlm.config import SMOKE, atomic_write
-from microlm.model import (CONFIG, WEIGHTS, MicroLM, count_params, hf_classes, hf_model, load_model, lm_loss,
-                           positions_and_mask, save_model, softcap, to_hf_config)
+from microlm.model import (CONFIG, WEIGHTS, MicroLM, cached_attention, count_params, from_hf_config, hf_classes, hf_model,
+                           load_model, lm_loss, positions_and_mask, save_model, softcap, to_hf_config)
 
 transformers = pytest.importorskip("transformers")
 
@@ -330,3 +330,68 @@ def test_architecture_options_errors():
         replace(BASE_CFG, logit_softcap=-1.0)
     with pytest.raises(ValueError, match="neither LlamaConfig nor Qwen3Config holds a logit soft-cap"):
         to_hf_config(replace(BASE_CFG, logit_softcap=30.0))
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_cached_attention_is_sdpas_arithmetic(T):
+    "A few queries on cached keys by plain products: sdpa's result in fp32; in bf16 within bf16's rounding of it."
+    g = torch.Generator().manual_seed(T)
+    q, k, v = torch.randn(3, 4, T, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g)
+    mask = torch.rand(3, 1, T, 10, generator=g) > 0.4
+    mask[..., -1] = True                                                  # every query sees at least itself
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (cached_attention(q, k, v, mask) - ref).abs().max() < 1e-5
+    assert (cached_attention(q, k, v) - F.scaled_dot_product_attention(q, k, v, enable_gqa=True)).abs().max() < 1e-5
+    lo = cached_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert lo.dtype == torch.bfloat16 and (lo.float() - ref).abs().max() < 0.05
+    assert (lo.float() - ref).abs().max() > 0                             # it did run in bf16: not the fp32 result
+
+
+def test_bf16_decoding_steps_follow_the_full_forward():
+    "A bf16 model's cached steps (cached_attention) give the logits of the full forward, left padding included."
+    m = make(BASE_CFG).to(torch.bfloat16)
+    ids, am = left_padded(BASE_CFG, [12, 7, 10], 12)
+    with torch.no_grad():
+        full = m(ids, attention_mask=am).logits.float()
+        cache = m.new_cache(3, 12)
+        pre = m(ids[:, :8], attention_mask=am[:, :8], cache=cache).logits.float()
+        steps = [m(ids[:, t:t + 1], attention_mask=am[:, t:t + 1], cache=cache).logits.float() for t in range(8, 12)]
+    got = torch.cat([pre, *steps], 1)
+    real = am.bool()
+    assert (got - full)[real].abs().max() < 0.15 and (got.argmax(-1) == full.argmax(-1))[real].float().mean() > 0.9
+
+
+def test_cache_select_keeps_rows_in_order():
+    "KVCache.select: the kept rows go on decoding exactly as they would have in the whole batch."
+    m = make(BASE_CFG)
+    ids, am = left_padded(BASE_CFG, [9, 5, 7], 9)
+    nxt = torch.randint(4, BASE_CFG.vocab_size, (3, 1))
+    with torch.no_grad():
+        whole = m.new_cache(3, 12)
+        m(ids, attention_mask=am, cache=whole)
+        ref = m(nxt, cache=whole).logits
+        part = m.new_cache(3, 12)
+        m(ids, attention_mask=am, cache=part)
+        part.select(torch.tensor([2, 0]))
+        assert part.batch_size == 2 and part.mask.shape[0] == 2 and part.k[0].shape[0] == 2
+        got = m(nxt[[2, 0]], cache=part).logits
+    assert torch.allclose(got, ref[[2, 0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tied-gqa4-theta", "untied-gqa4-3layers", "qk-norm"])
+def test_from_hf_config_inverts_to_hf_config(name):
+    cfg = CONFIGS[name]
+    conf, _ = hf_classes(cfg)
+    assert from_hf_config(conf(**to_hf_config(cfg))) == replace(cfg, initializer_range=cfg.initializer_range)
+
+
+def test_from_hf_config_refuses_what_microlm_is_not():
+    from transformers import GPT2Config, LlamaConfig, Qwen3Config
+    kw = to_hf_config(BASE_CFG)
+    with pytest.raises(ValueError, match="model_type 'gpt2'"): from_hf_config(GPT2Config())
+    with pytest.raises(ValueError, match="attention_bias=True"): from_hf_config(LlamaConfig(**{**kw, "attention_bias": True}))
+    with pytest.raises(ValueError, match="rope_type 'linear'"):
+        from_hf_config(LlamaConfig(**kw, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(ValueError, match=f"head_dim {BASE_CFG.head_dim * 2} is not"): from_hf_config(LlamaConfig(**{**kw, "head_dim": BASE_CFG.head_dim * 2}), "x.json")
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        from_hf_config(Qwen3Config(**{**kw, "use_sliding_window": True, "sliding_window": 8}))

@@ -265,7 +265,8 @@ def iter_next_tokens(
             stats.update(forwards=stats.get("forwards", 0) + 1, drafted=stats.get("drafted", 0) + k)
             stats["accepted"] = stats.get("accepted", 0) + m - 1
         if len(rows) < B:  # every prompt's row in the output; the ones that left are finished and ignored
-            toks = torch.zeros(B, m, dtype=toks.dtype, device=toks.device).index_copy_(0, torch.tensor(rows, device=toks.device), toks)
+            at = torch.tensor(rows, device=toks.device)
+            toks = torch.zeros(B, m, dtype=toks.dtype, device=toks.device).index_copy_(0, at, toks)
         yield toks
         toks = toks[rows] if len(rows) < B else toks
         ids, left = torch.cat([ids, toks], 1), left - m

@@ -129,7 +129,7 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, past+T, hd)
-            if past and q.dtype != torch.float32 and q.device.type == "cpu":  # bf16 decoding (`cached_attention`)
+            if past and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":  # `cached_attention`
                 return self.o_proj(cached_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, self.nh * self.hd))
         y = F.scaled_dot_product_attention(
             q,

@@ -266,9 +266,9 @@ def iter_next_tokens(
             stats["accepted"] = stats.get("accepted", 0) + m - 1
         if len(rows) < B:  # every prompt's row in the output; the ones that left are finished and ignored
             at = torch.tensor(rows, device=toks.device)
-            toks = torch.zeros(B, m, dtype=toks.dtype, device=toks.device).index_copy_(0, at, toks)
-        yield toks
-        toks = toks[rows] if len(rows) < B else toks
+            yield torch.zeros(B, m, dtype=toks.dtype, device=toks.device).index_copy_(0, at, toks)
+        else:
+            yield toks
         ids, left = torch.cat([ids, toks], 1), left - m
         if mask is not None:
             mask = F.pad(mask, (0, m), value=1)

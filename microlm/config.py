@@ -178,6 +178,13 @@ class SFTDataConfig:
     # examples drawn from each valid and test play (0: tasks_per_play): the held-out prompts stay put when the
     # training set grows
     heldout_tasks_per_play: int = field(default=0, metadata=OPTION)
+    # share of training task examples whose speakers get invented names, so the model learns to copy names it has
+    # never seen (the held-out plays' speakers) instead of recalling the training plays' ones
+    rename_speakers: float = 0.5
+
+    def __post_init__(self):
+        if not 0 <= self.rename_speakers <= 1:
+            raise ValueError(f"SFTDataConfig: rename_speakers must be a share in [0, 1], got {self.rename_speakers}")
 
 
 @dataclass(frozen=True)
@@ -303,6 +310,9 @@ class RLConfig:
     kl_coef: float = 0.0  # weight of the KL penalty to the starting model (the KL is logged either way)
     exact_bonus: float = 0.5  # reward = field F1 + this for a valid, exact answer
     scale_rewards: bool = True  # divide advantages by the group's std (GRPO); False: Dr. GRPO
+    # leave the groups whose answers all scored alike (advantage 0 everywhere) out of the loss's batch: DAPO's
+    # dynamic sampling without its resampling; the step costs less and its token mean is over answers that teach
+    drop_flat: bool = True
     eval_prompts: int = 48  # held-out (valid-play) prompts scored during and after training
     # weight of partial credit in the reward's F1 term (11_dpo's `partial_f1`: a field's string similarity to the gold)
     partial_credit: float = field(default=0.0, metadata=OPTION)

@@ -126,6 +126,9 @@ class Rollouts:
             for p, gs in zip(task_prompts(self.tok, ex), gens)
             for g in gs
         ]
+        keep = (r.std(-1) > 0).repeat_interleave(k)  # groups whose answers differ: the others' advantages are 0
+        if cfg.drop_flat and keep.any():
+            rows, adv = [row for row, kp in zip(rows, keep) if kp], adv[keep]
         x, labels = next_token_xy(
             collate([dict(input_ids=p + a, labels=[-100] * len(p) + a) for p, a in rows], self.tok.pad_token_id)
         )
@@ -138,7 +141,7 @@ class Rollouts:
             reward=r.mean().item(),
             reward_max=r.max(-1).values.mean().item(),
             flat_groups=(r.std(-1) == 0).float().mean().item(),
-            length=sum(len(a) for _, a in rows) / len(rows),
+            length=sum(len(g.ids) for gs in gens for g in gs) / r.numel(),
         )
         return x, y
 

@@ -14,8 +14,8 @@ from .data import read_docs
 
 # %% auto #0
 __all__ = ['SCHEMAS', 'KINDS', 'TASKS', 'METRICS', 'numeral', 'parse_play', 'moves', 'schema_errors', 'schema_valid',
-           'schema_hint', 'task_extract', 'task_to_json', 'task_format', 'task_repair', 'make_task', 'play_tasks',
-           'split_tasks', 'flatten', 'parse_json', 'score_answer', 'aggregate']
+           'schema_hint', 'task_extract', 'task_to_json', 'task_format', 'task_repair', 'make_task', 'made_up_name',
+           'rename_speakers', 'play_tasks', 'split_tasks', 'flatten', 'parse_json', 'score_answer', 'aggregate']
 
 # %% ../nbs/08_tasks.ipynb #b0481c6c
 _ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
@@ -260,6 +260,7 @@ def make_task(
     max_chars: int = 600,
     k_max: int = 6,
     id: str = "",
+    rename: Callable | None = None,  # (prompt, gold) -> (prompt, gold), applied before the fit is checked
 ) -> dict | None:
     "One example of `kind` from a parsed play that fits `max_chars` and `fits`, or None."
     state = rng.getstate()
@@ -268,26 +269,71 @@ def make_task(
         r = TASKS[kind](blocks, rng, k)
         if r is None:
             return None
-        prompt, gold = r
+        prompt, gold = rename(*r) if rename else r
         msgs = [dict(role="user", content=prompt), dict(role="assistant", content=_compact(gold))]
         if len(prompt) <= max_chars + 120 and fits(msgs):
             return dict(id=id, kind=kind, messages=msgs, schema=SCHEMAS[kind], gold=gold)
     return None
 
+# %% ../nbs/08_tasks.ipynb #43ed2427
+_SYLLABLES = tuple("BA BE BO CA CE CO DA DE DI DO FA FE GA GO LA LE LI LO LU MA ME MI MO NA NE NI NO PA PE PO RA "
+                   "RE RI RO RU SA SE SI SO TA TE TI TO TU VA VE VI VO ZA ZE".split())
+_ENDINGS = ("", "N", "S", "X", "R", "US", "IA", "IO", "AN", "EL", "IS", "OR")
+
+
+def made_up_name(rng: random.Random, words: int = 1) -> str:
+    "An invented name in capitals, `words` words of 2-3 syllables and an ending each."
+    return " ".join("".join(rng.choices(_SYLLABLES, k=rng.randint(2, 3))) + rng.choice(_ENDINGS) for _ in range(words))
+
+
+def rename_speakers(prompt: str, gold, speakers, rng: random.Random) -> tuple[str, object]:
+    "`prompt` and `gold` with each of `speakers` found in `prompt` replaced everywhere by one invented name."
+    names = sorted({s for s in speakers if s}, key=len, reverse=True)
+    if not names:
+        return prompt, gold
+    pat = re.compile(r"(?<![\w'])(" + "|".join(map(re.escape, names)) + r")(?![\w'])")
+    new = {}
+    for old in pat.findall(prompt):  # in order of first appearance
+        if old not in new:
+            name = made_up_name(rng, len(old.split()))
+            while name in {v.upper() for v in new.values()} or name in names:
+                name = made_up_name(rng, len(old.split()))
+            new[old] = name if old.isupper() else name.title()
+    sub = lambda s: pat.sub(lambda m: new.get(m.group(1), m.group(1)), s)
+
+    def walk(o):
+        if isinstance(o, str):
+            return sub(o)
+        if isinstance(o, list):
+            return [walk(v) for v in o]
+        return {k: walk(v) for k, v in o.items()} if isinstance(o, dict) else o
+
+    return sub(prompt), walk(gold)
+
 # %% ../nbs/08_tasks.ipynb #2916b890
 def play_tasks(
-    name: str, text: str, n: int, seed: int, fits=lambda m: True, max_chars: int = 600
+    name: str,
+    text: str,
+    n: int,
+    seed: int,
+    fits=lambda m: True,
+    max_chars: int = 600,
+    rename: float = 0.0,  # share of examples whose speakers get invented names (`rename_speakers`)
 ) -> tuple[list[dict], int]:
     "`n` examples from one play, kinds in rotation (up to `4n` tries); also how many tries did not fit."
     blocks = parse_play(text)
-    if not any(b["type"] == "speech" for b in blocks):
+    speakers = {b["speaker"] for b in blocks if b["type"] == "speech"}
+    if not speakers:
         return [], 0
     out, dropped = [], 0
     for i in range(4 * n):
         if len(out) == n:
             break
-        kind = KINDS[i % len(KINDS)]
-        ex = make_task(kind, blocks, random.Random(f"{seed}:{name}:{i}"), fits, max_chars, id=f"{name}-{i:04d}-{kind}")
+        kind, names = KINDS[i % len(KINDS)], random.Random(f"{seed}:{name}:{i}:names")
+        ren = (lambda p, g: rename_speakers(p, g, speakers, names)) if names.random() < rename else None
+        ex = make_task(
+            kind, blocks, random.Random(f"{seed}:{name}:{i}"), fits, max_chars, id=f"{name}-{i:04d}-{kind}", rename=ren
+        )
         if ex is None:
             dropped += 1
         else:
@@ -303,7 +349,8 @@ def split_tasks(run: Run, split: str, fits=lambda m: True) -> tuple[list[dict], 
         n = max(cfg.heldout_tasks_per_play or n, math.ceil(cfg.eval_prompts / max(len(docs), 1)))
     out, dropped, plays = [], 0, 0
     for d in docs:
-        ex, dr = play_tasks(d["name"], d["text"], n, run.preset.seed, fits, cfg.max_passage_chars)
+        rename = cfg.rename_speakers if split == "train" else 0.0
+        ex, dr = play_tasks(d["name"], d["text"], n, run.preset.seed, fits, cfg.max_passage_chars, rename)
         out += ex
         dropped += dr
         plays += bool(ex)

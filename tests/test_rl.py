@@ -96,7 +96,7 @@ def test_rollouts_reuse_and_state(tok):
     "updates=2: each batch serves two calls, with the sampling policy's log-probs; a restored state samples the same."
     torch.manual_seed(0)
     m, ref = MicroLM(TINY), MicroLM(TINY)
-    cfg = RLConfig(group_size=3, max_new_tokens=6, updates=2)
+    cfg = RLConfig(group_size=3, max_new_tokens=6, updates=2, drop_flat=False)
     ro = Rollouts(m, ref, tok, [REPAIR, EXTRACT], cfg, 2, seed=1)
     a, b, c, d = ro(), ro(), ro(), ro()
     assert a is b and c is d and c is not a and set(a[1]) == {"labels", "advantages", "ref_logps", "old_logps"}
@@ -110,6 +110,25 @@ def test_rollouts_reuse_and_state(tok):
     stats = {}
     loss = grpo_loss_fn(cfg, stats)(m, *a)       # the policy that sampled: ratio 1, nothing clipped
     assert math.isfinite(loss.item()) and stats["clipped"] == 0.0 and stats["kl"] > 0   # ref is another model
+
+
+@pytest.mark.parametrize("drop_flat", [True, False])
+def test_rollouts_drop_flat_groups(tok, drop_flat):
+    "drop_flat: the answers of groups that all scored alike (here every repair prompt's) leave the loss's batch."
+    torch.manual_seed(0)
+    m, k, G = MicroLM(TINY), 3, 6
+    count = iter(range(10**6))
+    reward = lambda text, e: 1.0 if e["kind"] == "repair" else float(next(count))  # repair flat, extract not
+    ro = Rollouts(m, m, tok, [REPAIR, EXTRACT], RLConfig(group_size=k, max_new_tokens=4, drop_flat=drop_flat), G,
+                  seed=3, reward_fn=reward)
+    x, y = ro()
+    flat = round(ro.stats["flat_groups"] * G)
+    assert 0 < flat < G  # this seed draws both kinds
+    rows = (G - flat) * k if drop_flat else G * k
+    assert x.shape[0] == rows == y["advantages"].shape[0] == y["ref_logps"].shape[0]
+    groups = y["advantages"].view(-1, k)
+    graded = groups.std(-1) > 0  # the extract groups; each one's advantages sum to 0
+    assert graded.sum() == G - flat and graded.all() == drop_flat and groups.sum(-1).abs().max() < 1e-5
 
 
 def test_group_advantages():

@@ -2,6 +2,8 @@
 
     .venv/bin/python tools/sweep.py sft runs/small      # -> nbs/results/sft_sweep.json (09_sft; ~10 min a setting)
     .venv/bin/python tools/sweep.py rl runs/small       # -> nbs/results/rl_sweep.json (12_rl; ~5 min a setting)
+    .venv/bin/python tools/sweep.py names runs/small    # -> nbs/results/names_sweep.json (09_sft: SFT with and
+                                                        #    without 08_tasks' invented speaker names; ~10 min a setting)
 
 Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current stage). The others
 are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and the stages the swept
@@ -40,7 +42,13 @@ SETTINGS = {  # stage -> setting name -> overrides of the run's preset
         "30 steps, partial credit 0.5": {"rl": {"partial_credit": 0.5}},
         "30 steps, exact bonus 2": {"rl": {"exact_bonus": 2.0}},
     },
+    "names": {
+        "half the examples renamed (preset)": {},
+        "no names invented": {"sft_data": {"rename_speakers": 0.0}},
+        "every example renamed": {"sft_data": {"rename_speakers": 1.0}},
+    },
 }
+STAGE = {"names": "sft"}  # the stage a sweep trains, where it is not the sweep's own name
 CURVE = {"sft": "val_loss", "rl": "heldout_f1"}  # the log record each row's curve follows
 SUMMARY = {"sft": ("val_loss",), "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary
 KEYS = ("f1", "exact", "parse", "schema_valid")
@@ -123,7 +131,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, help="the record (default: nbs/results/STAGE_sweep.json)")
     a = ap.parse_args()
     work = a.work or ROOT / "runs" / f"{a.stage}_sweep"
-    res = sweep(Run(a.run), a.stage, SETTINGS[a.stage], work)
+    res = sweep(Run(a.run), STAGE.get(a.stage, a.stage), SETTINGS[a.stage], work)
     out = a.out or ROOT / "nbs" / "results" / f"{a.stage}_sweep.json"
     atomic_write(out, res)
     print(f"wrote {out}")

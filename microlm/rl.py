@@ -32,7 +32,8 @@ from .tokenizer import load_tokenizer
 from .train import read_log
 
 # %% auto #0
-__all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'rl_start', 'rl_stage']
+__all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'rl_start', 'rl_stage',
+           'best_of_k']
 
 # %% ../nbs/12_rl.ipynb #4084f47a
 def check_reward(value, where: str = "reward") -> float:
@@ -126,7 +127,8 @@ class Rollouts:
             for p, gs in zip(task_prompts(self.tok, ex), gens)
             for g in gs
         ]
-        keep = (r.std(-1) > 0).repeat_interleave(k)  # groups whose answers differ: the others' advantages are 0
+        flat = r.std(-1) == 0  # groups whose answers all scored alike: their advantages are 0
+        keep = (~flat).repeat_interleave(k)
         if cfg.drop_flat and keep.any():
             rows, adv = [row for row, kp in zip(rows, keep) if kp], adv[keep]
         x, labels = next_token_xy(
@@ -140,7 +142,7 @@ class Rollouts:
         self.stats = dict(
             reward=r.mean().item(),
             reward_max=r.max(-1).values.mean().item(),
-            flat_groups=(r.std(-1) == 0).float().mean().item(),
+            flat_groups=flat.float().mean().item(),
             length=sum(len(g.ids) for gs in gens for g in gs) / r.numel(),
         )
         return x, y
@@ -240,3 +242,20 @@ def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool =
         step_seconds=round(60 * s["train_minutes"] / max(s["steps"], 1), 3),
         minutes=round((time.time() - t0) / 60, 2),
     )
+
+# %% ../nbs/12_rl.ipynb #14af82b2
+def best_of_k(
+    model,
+    tok,
+    examples: list[dict],  # structured tasks with their gold
+    k: int = 16,  # answers sampled per prompt
+    temperature: float = 1.0,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+) -> dict[int, float]:
+    "Mean field F1 of the best of the first n of `k` sampled answers per prompt, for n = 1, 2, 4, ... up to `k`."
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"best_of_k: k must be >= 1 and temperature > 0 (sampling), got {k=}, {temperature=}")
+    gens = sample_answers(model, tok, examples, k, temperature, max_new_tokens, seed)
+    f1 = torch.tensor([[task_reward(g.text, e, exact_bonus=0.0) for g in gs] for e, gs in zip(examples, gens)])
+    return {n: round(f1[:, :n].max(-1).values.mean().item(), 4) for n in (2**i for i in range(k.bit_length()))}

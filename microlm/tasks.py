@@ -15,7 +15,8 @@ from .data import read_docs
 # %% auto #0
 __all__ = ['SCHEMAS', 'KINDS', 'TASKS', 'METRICS', 'numeral', 'parse_play', 'moves', 'schema_errors', 'schema_valid',
            'schema_hint', 'task_extract', 'task_to_json', 'task_format', 'task_repair', 'make_task', 'made_up_name',
-           'rename_speakers', 'play_tasks', 'split_tasks', 'flatten', 'parse_json', 'score_answer', 'aggregate']
+           'speaker_pattern', 'rename_speakers', 'play_tasks', 'split_tasks', 'flatten', 'parse_json', 'score_answer',
+           'aggregate']
 
 # %% ../nbs/08_tasks.ipynb #b0481c6c
 _ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
@@ -286,12 +287,24 @@ def made_up_name(rng: random.Random, words: int = 1) -> str:
     return " ".join("".join(rng.choices(_SYLLABLES, k=rng.randint(2, 3))) + rng.choice(_ENDINGS) for _ in range(words))
 
 
-def rename_speakers(prompt: str, gold, speakers, rng: random.Random) -> tuple[str, object]:
-    "`prompt` and `gold` with each of `speakers` found in `prompt` replaced everywhere by one invented name."
+def speaker_pattern(speakers) -> tuple[frozenset, re.Pattern | None]:
+    "The speakers' names, and one regex that finds any of them as a whole word (longest first); None for no names."
     names = sorted({s for s in speakers if s}, key=len, reverse=True)
-    if not names:
+    pat = re.compile(r"(?<![\w'])(" + "|".join(map(re.escape, names)) + r")(?![\w'])") if names else None
+    return frozenset(names), pat
+
+
+def rename_speakers(
+    prompt: str,
+    gold,
+    speakers,
+    rng: random.Random,
+    pattern: tuple | None = None,  # `speaker_pattern(speakers)`, built once by a caller renaming many prompts of a play
+) -> tuple[str, object]:
+    "`prompt` and `gold` with each of `speakers` found in `prompt` replaced everywhere by one invented name."
+    names, pat = pattern or speaker_pattern(speakers)
+    if pat is None:
         return prompt, gold
-    pat = re.compile(r"(?<![\w'])(" + "|".join(map(re.escape, names)) + r")(?![\w'])")
     new = {}
     for old in pat.findall(prompt):  # in order of first appearance
         if old not in new:
@@ -325,12 +338,12 @@ def play_tasks(
     speakers = {b["speaker"] for b in blocks if b["type"] == "speech"}
     if not speakers:
         return [], 0
-    out, dropped = [], 0
+    out, dropped, pattern = [], 0, speaker_pattern(speakers)
     for i in range(4 * n):
         if len(out) == n:
             break
         kind, names = KINDS[i % len(KINDS)], random.Random(f"{seed}:{name}:{i}:names")
-        ren = (lambda p, g: rename_speakers(p, g, speakers, names)) if names.random() < rename else None
+        ren = (lambda p, g: rename_speakers(p, g, speakers, names, pattern)) if names.random() < rename else None
         ex = make_task(
             kind, blocks, random.Random(f"{seed}:{name}:{i}"), fits, max_chars, id=f"{name}-{i:04d}-{kind}", rename=ren
         )

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from microlm.config import SMOKE, ModelConfig, RLConfig, Run
 from microlm.dpo import task_reward
 from microlm.model import MicroLM
-from microlm.rl import Rollouts, check_reward, group_advantages, grpo_loss, grpo_loss_fn, rl_stage
+from microlm.rl import Rollouts, best_of_k, check_reward, group_advantages, grpo_loss, grpo_loss_fn, rl_stage
 from microlm.tasks import SCHEMAS
 from microlm.tokenizer import to_hf, train_bpe
 from microlm.train import list_checkpoints, read_log
@@ -129,6 +129,18 @@ def test_rollouts_drop_flat_groups(tok, drop_flat):
     groups = y["advantages"].view(-1, k)
     graded = groups.std(-1) > 0  # the extract groups; each one's advantages sum to 0
     assert graded.sum() == G - flat and graded.all() == drop_flat and groups.sum(-1).abs().max() < 1e-5
+
+
+def test_best_of_k(tok):
+    "best_of_k: one entry per power of two up to k, never falling with n, seeded; greedy or k < 1 refused."
+    torch.manual_seed(0)
+    m, ex = MicroLM(TINY).eval(), [REPAIR, EXTRACT, REPAIR]
+    bk = best_of_k(m, tok, ex, k=6, max_new_tokens=6, seed=2)
+    assert list(bk) == [1, 2, 4] and all(0.0 <= a <= b <= 1.0 for a, b in zip(bk.values(), list(bk.values())[1:]))
+    assert best_of_k(m, tok, ex, k=6, max_new_tokens=6, seed=2) == bk
+    for kw in (dict(temperature=0.0), dict(k=0)):
+        with pytest.raises(ValueError, match="best_of_k: k must be >= 1 and temperature > 0"):
+            best_of_k(m, tok, ex, **kw)
 
 
 def test_group_advantages():

@@ -9,8 +9,9 @@ Each setting is a set of overrides of the run's preset (`{}` is the run itself: 
 are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and the stages the swept
 stage starts from (hard links), then every model answers the same prompts greedily: 120 held-out *valid*-play prompts
 (the plays the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). For `rl` the
-model it starts from answers them too, so a row's gain is measured on the same prompts. The notebooks render the
-tables from the JSON; nothing here is typed into prose. Scratch runs still current are reused, not retrained.
+model it starts from answers them too, so a row's gain is measured on the same prompts, and `best_of_k` (12_rl) of
+that start and of the preset's RL model samples the valid prompts (HEADROOM): what RL can sharpen towards. The
+notebooks render the tables from the JSON; nothing here is typed into prose. Scratch runs still current are reused.
 """
 import argparse, json, os, shutil, sys, time
 from pathlib import Path
@@ -21,13 +22,14 @@ from microlm.config import Run, atomic_write, machine  # noqa: E402
 from microlm.dpo import heldout_examples, sample_answers, score_model  # noqa: E402
 from microlm.evaluate import eval_examples  # noqa: E402
 from microlm.model import load_model  # noqa: E402
+from microlm.rl import best_of_k  # noqa: E402
 from microlm.sft import finetune_data, padded_share  # noqa: E402
 from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
 from microlm.stages import ensure, get_stage, is_current, plan, run_stage  # noqa: E402
 from microlm.tokenizer import load_tokenizer  # noqa: E402
 from microlm.train import read_log  # noqa: E402
 
-SETTINGS = {  # stage -> setting name -> overrides of the run's preset
+SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the sweep trains STAGE[sweep])
     "sft": {
         "60 tasks/play, 300 steps": {"sft_data": {"tasks_per_play": 60}, "sft": {"max_steps": 300}},
         "200 tasks/play, 400 steps, lr 2e-3": {"sft": {"max_steps": 400, "lr": 2e-3, "min_lr": 2e-4}},
@@ -39,8 +41,9 @@ SETTINGS = {  # stage -> setting name -> overrides of the run's preset
         "30 steps, lr 1e-4 (preset)": {},
         "60 steps, lr 1e-4": {"rl_train": {"max_steps": 60}},
         "30 steps, lr 3e-4": {"rl_train": {"lr": 3e-4, "min_lr": 3e-5}},
-        "30 steps, partial credit 0.5": {"rl": {"partial_credit": 0.5}},
-        "30 steps, exact bonus 2": {"rl": {"exact_bonus": 2.0}},
+        "30 steps, temperature 0.5": {"rl": {"temperature": 0.5}},
+        "30 steps, groups of 16, 4 prompts": {"rl": {"group_size": 16}, "rl_train": {"batch_size": 4}},
+        "30 steps, every group (no drop_flat)": {"rl": {"drop_flat": False}},
     },
     "names": {
         "half the examples renamed (preset)": {},
@@ -51,6 +54,7 @@ SETTINGS = {  # stage -> setting name -> overrides of the run's preset
 STAGE = {"names": "sft"}  # the stage a sweep trains, where it is not the sweep's own name
 CURVE = {"sft": "val_loss", "rl": "heldout_f1"}  # the log record each row's curve follows
 SUMMARY = {"sft": ("val_loss",), "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary
+HEADROOM = dict(k=16, temperatures=(0.5, 1.0))  # rl: best_of_k of the start and the preset's RL model, valid prompts
 KEYS = ("f1", "exact", "parse", "schema_valid")
 
 
@@ -60,15 +64,18 @@ def scratch_run(base: Run, stage: str, name: str, overrides: dict, work: Path) -
         return base
     d = work / name.replace(" ", "_").replace("/", "-").replace(",", "")
     preset = apply_overrides(base.preset, overrides)
-    if not ((d / "config.json").exists() and Run(d).preset == preset):
+    shared = plan(stage)[:-1]
+    marker = lambda r, s: (r / ".stages" / f"{s}.json").read_text() if (r / ".stages" / f"{s}.json").exists() else None
+    same = (d / "config.json").exists() and Run(d).preset == preset
+    if not (same and all(marker(d, s) == marker(base, s) for s in shared)):  # new, or the base re-ran a shared stage
         run = trial_run(base, d, base.preset.seed, overrides)  # data and tokenizer
-        for s in plan(stage)[:-1]:
+        for s in shared:
             for out in get_stage(s).outputs:
                 if not (d / out).exists():
                     ignore = shutil.ignore_patterns("ckpt")
                     shutil.copytree(base / out, d / out, copy_function=os.link, ignore=ignore)
             shutil.copy(base / ".stages" / f"{s}.json", d / ".stages" / f"{s}.json")
-        for s in plan(stage)[:-1]:
+        for s in shared:
             if not is_current(run, s):
                 raise RuntimeError(f"{d}: the shared stage {s!r} is not current there (did the overrides touch it?)")
     return Run(d)
@@ -90,6 +97,13 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
         start = get_stage("rl").deps[0]
         out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new))
         print(json.dumps(out["start"]), flush=True)
+        out["headroom"] = dict(HEADROOM, prompts="valid", models={})
+        for name, m in ((start, load_model(base / start)), ("rl (preset)", load_model(base / stage))):
+            out["headroom"]["models"][name] = {
+                str(t): list(best_of_k(m, tok, prompts["valid"], HEADROOM["k"], t, n_new).items())
+                for t in HEADROOM["temperatures"]
+            }
+            print(name, json.dumps(out["headroom"]["models"][name]), flush=True)
     rows = []
     for name, ov in settings.items():
         run, t0 = scratch_run(base, stage, name, ov, work), time.time()

@@ -118,19 +118,23 @@ def export_hf(
     return Path(out)
 
 # %% ../nbs/15_export.ipynb #6c35cc03
-def load_hf(folder: str | Path, dtype=torch.float32):
-    "Load an exported (or any Llama) folder with plain `transformers`: (model, tokenizer)."
+def _hf_folder(folder: str | Path) -> Path:
+    "`folder` as a Path if it holds a Hugging Face `config.json`; a FileNotFoundError naming it if not."
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face model folder")
+    return folder
+
+
+def load_hf(folder: str | Path, dtype=torch.float32):
+    "Load an exported (or any Llama) folder with plain `transformers`: (model, tokenizer)."
+    folder = _hf_folder(folder)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def hf_to_own(folder: str | Path, dtype="auto") -> MicroLM:
     "A Hugging Face Llama or Qwen3 folder as a `MicroLM` (the inverse of `export_hf`), in `dtype` ('auto': as stored)."
-    folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face model folder")
+    folder = _hf_folder(folder)
     cfg = from_hf_config(AutoConfig.from_pretrained(folder), str(folder / "config.json"))
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)  # transformers reads the weights, in any layout
     sd = {k: v for k, v in hf.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}

@@ -169,4 +169,5 @@ def test_hf_to_own_reads_llama_and_qwen3_folders(tmp_path, model, exported, tok_
     assert back.cfg == q.cfg and back.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(back.lm_head.weight, q.lm_head.weight.bfloat16())
     assert hf_to_own(tmp_path/"bf16", dtype=torch.float32).lm_head.weight.dtype == torch.float32
-    with pytest.raises(FileNotFoundError, match="no config.json"): hf_to_own(tmp_path/"nothing")
+    for load in (hf_to_own, load_hf):
+        with pytest.raises(FileNotFoundError, match="nothing: no config.json"): load(tmp_path/"nothing")

@@ -1,6 +1,6 @@
 """How the own generate's batching moves the leaderboard's own scores: greedy answers to the same prompts, batched.
 
-    .venv/bin/python tools/batch_check.py runs/small     # -> nbs/results/batch_check.json (12_rl; ~10 min)
+    .venv/bin/python tools/batch_check.py runs/small     # -> nbs/results/batch_check.json (12_rl; ~3 min)
 
 The own `generate` left-pads a batch and gives every row the budget its longest prompt leaves in the context
 (`Decoding.n`), so a short prompt batched with a long one can have its answer cut. This scores the own models of a

@@ -69,9 +69,8 @@ def own_backend(
 
     def run_batch(rows):
         ids, schema = [r[0] for r in rows], [r[1] for r in rows] if schemas is not None else None
-        n = min(max_new_tokens, ctx - max(map(len, ids)))
         kw = dict(schema=schema, close_within=close_within) if schema is not None else {}
-        return [g.text for g in generate(model, ids, n, tokenizer=tok, stop_token_ids=stops, **kw)]
+        return [g.text for g in generate(model, ids, max_new_tokens, tokenizer=tok, stop_token_ids=stops, **kw)]
 
     def answer(convs):
         if schemas is not None and len(schemas) != len(convs):

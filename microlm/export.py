@@ -164,19 +164,19 @@ def hf_greedy(
     pad, ctx, out = stops[0] if pad_id is None else pad_id, model.config.max_position_embeddings, []
     for i in range(0, len(prompts), batch_size):
         ps = prompts[i : i + batch_size]
-        T = max(map(len, ps))
+        T, room = max(map(len, ps)), [min(max_new_tokens, ctx - len(p)) for p in ps]  # each row its own budget
         x = torch.tensor([[pad] * (T - len(p)) + list(p) for p in ps])
         att = (torch.arange(T)[None] >= torch.tensor([T - len(p) for p in ps])[:, None]).long()
         with torch.no_grad():
             g = model.generate(
                 input_ids=x,
                 attention_mask=att,
-                max_new_tokens=min(max_new_tokens, ctx - T),
+                max_new_tokens=max(room),  # positions count real tokens: no row goes past its context
                 do_sample=False,
                 eos_token_id=stops,
                 pad_token_id=pad,
             )[:, T:].tolist()
-        out += [r[: next((j for j, t in enumerate(r) if t in stops), len(r))] for r in g]
+        out += [r[: next((j for j, t in enumerate(r[:n]) if t in stops), n)] for r, n in zip(g, room)]
     return out
 
 # %% ../nbs/15_export.ipynb #c8008b41

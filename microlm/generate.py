@@ -238,23 +238,37 @@ def iter_next_tokens(
     constraint=None,  # a `Constraint`: masks the logits to what each row's grammar allows (below)
     done: Sequence[bool] | None = None,  # rows already finished: their drafts do not hold the others back
     stats: dict | None = None,  # counts forward passes, drafted and accepted tokens into this dict
+    budgets: Sequence[int] | None = None,  # per row, the most new tokens it may have (None: `n` each; see below)
 ) -> Iterator[torch.Tensor]:
     "Yield each step's new tokens, (B, m) with m >= 1, until `n` per row: prefill the cache once, then feed new tokens."
     B, T = ids.shape
     if mask is not None and bool(mask.all()):
         mask = None  # no padding: the model's plain causal fast path
-    cache = model.new_cache(B, T + n) if use_cache else None
-    x, left = ids, n
+    ctx = context_length(model)
+    cache = model.new_cache(B, T + n if ctx is None else min(T + n, ctx)) if use_cache else None
+    # the widest input the model takes; past it, the oldest columns leave (they are padding in every live row)
+    room = getattr(cache, "max_len", None) if use_cache else ctx
+    x, left, off, made = ids, n, 0, 0  # off: columns dropped from the front; made: tokens each row has had
+    budgets = [n] * B if budgets is None else list(budgets)
     # finished rows leave the batch (`shrink_to`): `rows` are the prompts still decoded; not with drafts, whose
     # proposer keeps its own rows
-    rows, compact = list(range(B)), done is not None and draft is None and use_cache
+    rows, compact = list(range(B)), done is not None and draft is None
     while left > 0:
-        d = draft.propose(ids, mask) if draft is not None and left > 1 else None  # (B, k) guesses, or None
-        d = None if d is None or d.size(1) == 0 else d[:, : left - 1].to(ids.device)
+        live = [budgets[r] - made for r in rows if not (done and done[r])] or [left]
+        most = min(left, *live) - 1  # drafts a step may check: no live row past its budget
+        d = draft.propose(ids, mask) if draft is not None and most > 0 else None  # (B, k) guesses, or None
+        d = None if d is None or d.size(1) == 0 else d[:, :most].to(ids.device)
         k = 0 if d is None else d.size(1)
         if k:
             x = torch.cat([x, d], 1)
         m_in = mask if mask is None or not k else F.pad(mask, (0, k), value=1)
+        if room is not None and mask is not None:
+            width = x.size(1) + (0 if cache is None else cache.length + off)  # every column so far, this step's too
+            if width - off > room:  # the widest row is past the context: only finished rows reach back that far
+                if cache is not None:
+                    cache.drop_front(width - off - room)
+                off = width - room
+            x, m_in = (x if cache is not None else x[:, off:]), m_in[:, off:]
         logits = forward_last(model, x, m_in, cache, k + 1).view(len(rows), k + 1, -1)  # (B, 1+k, V)
         toks = choose_tokens(logits, ids, d, sp, generator, mask, constraint)  # (B, 1+k): the model's own picks
         m = 1 + (accepted_drafts(toks, d, done) if k else 0)
@@ -269,15 +283,16 @@ def iter_next_tokens(
             yield torch.zeros(B, m, dtype=toks.dtype, device=toks.device).index_copy_(0, at, toks)
         else:
             yield toks
-        ids, left = torch.cat([ids, toks], 1), left - m
+        ids, left, made = torch.cat([ids, toks], 1), left - m, made + m
         if mask is not None:
             mask = F.pad(mask, (0, m), value=1)
         if use_cache and k:
-            truncate_cache(cache, ids.size(1) - 1)  # rejected drafts leave the cache
+            truncate_cache(cache, ids.size(1) - 1 - off)  # rejected drafts leave the cache
         x = toks[:, -1:] if use_cache else ids  # without a cache the whole sequence is recomputed
         if compact and left > 0 and (keep := shrink_to(rows, done)) is not None:
             ids, x, mask = ids[keep], x[keep], None if mask is None else mask[keep]
-            select_rows(cache, keep.to(ids.device))
+            if cache is not None:
+                select_rows(cache, keep.to(ids.device))
             if constraint is not None:
                 constraint.select(keep.tolist())
             rows = [rows[i] for i in keep.tolist()]
@@ -363,7 +378,10 @@ class Decoding:
         T, ctx = self.ids.size(1), context_length(model)
         if ctx is not None and T >= ctx:
             raise ValueError(f"the prompt has {T} tokens but the model's context is {ctx}: no room to generate")
-        self.n = min(max_new_tokens, ctx - T) if ctx is not None else max_new_tokens
+        # each row its own budget, as vLLM gives each sequence: a short prompt is not cut for a long one beside it
+        lens = self.mask.sum(1).tolist()
+        self.budgets = [max_new_tokens if ctx is None else min(max_new_tokens, ctx - L) for L in lens]
+        self.n = max(self.budgets)
         if seed is None:
             seed = int(torch.randint(2**62, (1,)).item())  # follows torch.manual_seed / seed_everything
         self.generator = torch.Generator(device=dev).manual_seed(seed)
@@ -394,7 +412,7 @@ class Decoding:
             specs,
             sorted(self.stop_ids),
             any_whitespace,
-            budget=self.n,
+            budget=self.budgets,
             close_within=close_within,
         )
 
@@ -422,14 +440,14 @@ class Decoding:
         "Decode, yielding the (row, token) pairs accepted at each step; stops when every row has finished."
         if self.n > 0:
             args = (self.model, self.ids, self.mask, self.n, self.sp, self.generator, self.use_cache)
-            loop = iter_next_tokens(*args, self.draft, self.constraint, self.done, self.stats)
+            loop = iter_next_tokens(*args, self.draft, self.constraint, self.done, self.stats, self.budgets)
             for toks in loop:
                 new = []
                 for i, row in enumerate(toks.tolist()):
                     for t in row:
                         if self.done[i]:
                             break
-                        self.done[i] = self._accept(i, t)
+                        self.done[i] = self._accept(i, t) or len(self.results[i].ids) >= self.budgets[i]
                         if t not in self.stop_ids:
                             new.append((i, t))
                 yield new
@@ -620,7 +638,7 @@ class Constraint:
         specs: list,  # one `(kind, spec)` or None per row, as `grammar_specs` returns
         stop_ids: Sequence[int],  # the tokens that end a row: allowed only where the grammar is complete
         any_whitespace: bool = False,  # JSON schemas: free whitespace (False: compact, as the vLLM deployment)
-        budget: int | None = None,  # new tokens each row may write (needed by close_within)
+        budget: int | Sequence[int] | None = None,  # new tokens each row may write, or one per row (for close_within)
         close_within: int = 0,  # in a row's last this-many tokens, steer it to the nearest way out (0: never)
     ):
         xgr = _xgrammar()
@@ -646,7 +664,10 @@ class Constraint:
             for s in specs
         ]
         self.vocab_size, self.xgr = vocab_size, xgr
-        self.left = [budget] * len(specs) if close_within else None  # tokens each row may still write
+        left = [budget] * len(specs) if isinstance(budget, int) else list(budget or ())
+        if close_within and len(left) != len(specs):
+            raise ValueError(f"budget: one per row, {len(specs)}, got {len(left)}")
+        self.left = left if close_within else None  # tokens each row may still write
         self.close_within = close_within
         self.tiers = closing_tiers(tokenizer, vocab_size, stop_ids) if close_within else None
 

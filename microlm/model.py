@@ -355,6 +355,17 @@ class KVCache:
         self.mask = None if self.mask is None else self.mask[rows]
         self.batch_size = len(rows)
 
+    def drop_front(self, s: int) -> None:
+        "Forget the first `s` cached positions, the rest moved to the front: room once they are padding in every row."
+        if not 0 <= s <= self.length:
+            raise ValueError(f"cannot drop {s} of the cache's {self.length} positions")
+        L = self.length
+        for kv in (*self.k, *self.v):
+            kv[:, :, : L - s] = kv[:, :, s:L].clone()
+        if self.mask is not None:
+            self.mask[:, : L - s] = self.mask[:, s:L].clone()
+        self.length = L - s
+
     def reset(self):
         self.length, self.mask = 0, None
 

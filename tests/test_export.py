@@ -69,6 +69,16 @@ def test_greedy_parity(model, exported, tok_dir):
     assert all(len(o) > 0 for o in ours)
 
 
+def test_greedy_parity_rows_near_the_context(model, exported):
+    "Batched beside a prompt that nearly fills the context, every row still gets its own budget in both engines."
+    hf, _ = load_hf(exported)
+    ctx, g = model.cfg.max_position_embeddings, torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (ctx - 6, 3, ctx // 2)]
+    ours = [r.ids for r in generate(model, prompts, 24, stop_token_ids=[0])]
+    assert len(ours[0]) <= 6 and max(len(o) for o in ours) > 6  # the long row's budget binds only that row
+    assert hf_greedy(hf, prompts, 24, stop_ids=[0], batch_size=3) == ours == hf_greedy(hf, prompts, 24, stop_ids=[0])
+
+
 def test_chat_template_identical(exported, tok_dir):
     ours, theirs = load_tokenizer(tok_dir), transformers.AutoTokenizer.from_pretrained(exported)
     for c in CONVS:

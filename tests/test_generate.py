@@ -161,6 +161,23 @@ def test_max_new_tokens(model):
     assert len(out.ids) == 64 - len(long) and out.finish_reason == "length"
 
 
+LONG_AND_SHORT = [list(range(4, 60)), [20, 21], list(range(100, 130)), [7, 8, 9]]  # 56, 2, 30, 3 tokens; context 64
+
+
+def test_each_row_has_its_own_budget(model):
+    "Beside a prompt that nearly fills the context, a short one still gets all its max_new_tokens, as alone (and vLLM)."
+    alone = [generate(model, p, 40)[0] for p in LONG_AND_SHORT]
+    assert [len(g.ids) for g in alone] == [8, 40, 34, 40]  # the context leaves 8 and 34 to the long ones
+    hf = HFCausalLM(hf_twin(model))
+    for m, kw in [(model, {}), (model, dict(use_cache=False)), (hf, {}), (hf, dict(use_cache=False))]:
+        out = generate(m, LONG_AND_SHORT, 40, **kw)
+        assert ids_of(out) == ids_of(alone), (type(m).__name__, kw)
+        assert all(g.finish_reason == "length" for g in out)
+    w = Widths(model)  # the long rows leave the batch when their budgets run out: 4 rows, then 2
+    generate(w, LONG_AND_SHORT, 40)
+    assert w.widths[0] == 4 and w.widths[-1] == 2
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(temperature=-0.5), "temperature"), (dict(temperature=float("inf")), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(top_k=-2), "top_k"),
@@ -245,6 +262,17 @@ def test_close_within_leaves_answers_that_end_in_time(tok, tok_model):
     assert all(schema_errors(json.loads(g.text), s) == [] for g in steered)
 
 
+def test_close_within_counts_each_rows_own_budget(tok, tok_model):
+    "A long prompt's row is steered to close within its own few tokens; the short rows beside it decode as alone."
+    s, ctx = SCHEMAS["extract"], tok_model.cfg.max_position_embeddings
+    long = tok.encode(" ".join(PHRASES) * 20)[: ctx - 72]  # leaves 72 tokens: steered after 8 (extract may need 55)
+    prompts = [tok.encode(PHRASES[0]), long, tok.encode(PHRASES[2])]
+    batched = generate(tok_model, prompts, 96, tokenizer=tok, schema=s, close_within=64)
+    alone = [generate(tok_model, [p], 96, tokenizer=tok, schema=s, close_within=64)[0] for p in prompts]
+    assert ids_of(batched) == ids_of(alone)
+    assert all(g.finish_reason == "stop" and schema_errors(json.loads(g.text), s) == [] for g in batched)
+
+
 class StopHappy(torch.nn.Module):
     "A model that always wants to stop: its stop token's logit is raised far above the rest."
 
@@ -317,6 +345,16 @@ def test_draft_hook_is_lossless(model, noise):
         for _ in run.steps(): pass
         assert ids_of(run.results) == want
         assert (run.stats["accepted"] == run.stats["drafted"]) != noise and run.stats["forwards"] < 20
+
+
+def test_drafts_stop_at_each_rows_budget(model):
+    "Drafts never take a row past its own budget: the long prompt's 8 tokens end the drafting, not the batch."
+    want = ids_of(generate(model, LONG_AND_SHORT, 40))
+    padded = [w + [0] * (40 - len(w)) for w in want]
+    for m in (model, HFCausalLM(hf_twin(model))):
+        run = Decoding(m, LONG_AND_SHORT, 40, draft=Replay(padded, k=5))
+        for _ in run.steps(): pass
+        assert ids_of(run.results) == want and run.stats["accepted"] == run.stats["drafted"] > 0
 
 
 def test_special_id_agrees_with_the_vocabulary(tok):

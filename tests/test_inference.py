@@ -141,6 +141,17 @@ def test_fast_path_fills_the_context(model):
     assert out.ids == generate(model, long, 100)[0].ids and len(out.ids) == 96 - len(long)
 
 
+def test_fast_path_gives_each_row_its_budget(model, draft):
+    "Past the context, the static cache drops its oldest columns (padding to every row still running): short rows go on."
+    prompts = [list(range(4, 90)), [20, 21], list(range(100, 160))]  # 86, 2 and 60 of the context's 96
+    alone = [generate(model, p, 40)[0].ids for p in prompts]
+    assert [len(a) for a in alone] == [10, 40, 36]
+    for fast in (FastLM(model), FastLM(model, compile=False)):
+        assert ids_of(generate(fast, prompts, 40)) == alone
+        for d in (PromptLookup(k=4), DraftModel(draft, k=3)):  # drafts stop at the shortest budget still running
+            assert ids_of(generate(fast, prompts, 40, draft=d)) == alone
+
+
 def test_fast_path_bad_input(model):
     with pytest.raises(ValueError, match="fp32"): FastLM(MicroLM(SMOKE.model).to(torch.bfloat16))
     relu2 = MicroLM(replace(SMOKE.model, hidden_act="relu2"))

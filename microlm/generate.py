@@ -238,7 +238,7 @@ def iter_next_tokens(
     constraint=None,  # a `Constraint`: masks the logits to what each row's grammar allows (below)
     done: Sequence[bool] | None = None,  # rows already finished: their drafts do not hold the others back
     stats: dict | None = None,  # counts forward passes, drafted and accepted tokens into this dict
-    budgets: Sequence[int] | None = None,  # per row, the most new tokens it may have (None: `n` each; see below)
+    budgets: Sequence[int] | None = None,  # per row, the most new tokens it may have (None: `n` each), drafts too
 ) -> Iterator[torch.Tensor]:
     "Yield each step's new tokens, (B, m) with m >= 1, until `n` per row: prefill the cache once, then feed new tokens."
     B, T = ids.shape

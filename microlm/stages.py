@@ -12,9 +12,9 @@ from typing import Callable
 from .config import Preset, Run, atomic_write, hashed_fields, machine, stable_hash
 
 # %% auto #0
-__all__ = ['STAGES', 'Stage', 'get_stage', 'plan', 'sha256_file', 'scan', 'digest', 'diff', 'marker_path', 'read_marker',
-           'config_hashes', 'input_scans', 'upstream_digests', 'fingerprint', 'stage_key', 'stale_reason', 'is_current',
-           'execute', 'stage_body', 'run_stage', 'ensure', 'status_table']
+__all__ = ['CODE_VERSIONS', 'STAGES', 'Stage', 'get_stage', 'plan', 'sha256_file', 'scan', 'digest', 'diff', 'marker_path',
+           'read_marker', 'config_hashes', 'code_versions', 'input_scans', 'upstream_digests', 'fingerprint',
+           'stage_key', 'stale_reason', 'is_current', 'execute', 'stage_body', 'run_stage', 'ensure', 'status_table']
 
 # %% ../nbs/01_stages.ipynb #794b10d9
 @dataclass(frozen=True)
@@ -29,6 +29,12 @@ class Stage:
     title: str  # its heading in the report
     help: str  # its line in `microlm --help`
     inputs: tuple = ()  # preset fields ("section.field") that may name a local file or folder it reads
+    code: tuple = ()  # behaviours of microlm's own code its outputs depend on (keys of `CODE_VERSIONS`)
+
+
+# A behaviour's version goes up when a change to microlm makes the same inputs give other outputs; every stage that
+# names it is then out of date. decoding: the own `generate` (07_generate); 2 = each row its own token budget.
+CODE_VERSIONS = {"decoding": 2}
 
 # %% ../nbs/01_stages.ipynb #05c02d93
 STAGES = {
@@ -97,6 +103,7 @@ STAGES = {
             "microlm.dpo:dpo_stage",
             "Preference tuning (DPO)",
             "DPO on preference pairs from the SFT model's own answers, ranked by the task scorer",
+            code=("decoding",),  # the pairs are its start model's sampled answers
         ),
         Stage(
             "rl",
@@ -106,6 +113,7 @@ STAGES = {
             "microlm.rl:rl_stage",
             "Reinforcement learning (GRPO)",
             "GRPO-style RL from the task scorer's verifiable reward (starts from the model of its dependency)",
+            code=("decoding",),  # rollouts and held-out scores are decoded
         ),
         Stage(
             "pretrained",
@@ -134,6 +142,7 @@ STAGES = {
             "microlm.evaluate:eval_stage",
             "Evaluation",
             "evaluate all models and write the leaderboard",
+            code=("decoding",),
         ),
         Stage(
             "quant",
@@ -152,6 +161,7 @@ STAGES = {
             "microlm.verify:verify_stage",
             "Deployment on vLLM",
             "serve the best own model on vLLM: smoke, parity, load and stability; then every engine's decode speed",
+            code=("decoding",),  # the parity references and the own engines' speeds
         ),
     )
 }
@@ -247,6 +257,11 @@ def config_hashes(preset: Preset, stage: Stage) -> dict[str, str]:
     return {"seed": stable_hash(preset.seed), **hashes}
 
 
+def code_versions(stage: Stage) -> dict[str, int]:
+    "The versions of the behaviours of microlm's code the stage's outputs depend on (`Stage.code`)."
+    return {c: CODE_VERSIONS[c] for c in stage.code}
+
+
 def input_scans(run: Run, stage: Stage, known: dict | None = None) -> dict[str, dict]:
     "The local files or folders named by the stage's `inputs` fields, scanned (fields naming no path are left out)."
     out = {}
@@ -271,6 +286,8 @@ def fingerprint(run: Run, name: str) -> dict:
     stage = get_stage(name)
     inputs = input_scans(run, stage, (read_marker(run, name) or {}).get("inputs"))
     fp = dict(config=config_hashes(run.preset, stage), upstream=upstream_digests(run, stage), inputs=inputs)
+    if stage.code:
+        fp["code"] = code_versions(stage)
     return dict(fp, key=stable_hash({"stage": name, **fp, "inputs": {f: digest(s) for f, s in inputs.items()}}))
 
 
@@ -308,6 +325,10 @@ def _stale_reason(run: Run, name: str, memo: dict) -> str | None:
     changed = [k for k, h in config_hashes(run.preset, stage).items() if m["config"].get(k) != h]
     if changed:
         return f"config changed: {', '.join(changed)}"
+    was, now = m.get("code", {}), code_versions(stage)  # a behaviour not recorded counts as version 1
+    moved = [f"{c} {was.get(c, 1)} -> {now.get(c, 1)}" for c in sorted({*was, *now}) if was.get(c, 1) != now.get(c, 1)]
+    if moved:
+        return f"code changed: {', '.join(moved)}"
     for d in stage.deps:
         if (why := stale_reason(run, d, memo)) is not None:
             return f"upstream stage {d} is not current ({why})"

@@ -124,6 +124,24 @@ def test_interrupted_and_incomplete(tmp_path):
     assert not (run/".stages/data.running").exists() and read_marker(run, "data")["summary"] == {"docs": 1}
 
 
+def test_code_versions_make_a_stage_stale(tmp_path, monkeypatch):
+    "A stage that names a behaviour of microlm's code is out of date when that behaviour's version moves."
+    import microlm.stages as st
+    run = Run(tmp_path, SMOKE)
+    def body(run, force=False):
+        (run/"dpo").mkdir(exist_ok=True)
+        (run/"dpo/pairs.json").write_text("[]")
+        return dict(pairs=0)
+    execute(run, "dpo", body)                            # recorded with today's versions
+    assert read_marker(run, "dpo")["code"] == {"decoding": st.CODE_VERSIONS["decoding"]}
+    assert stale_reason(run, "dpo").startswith("upstream stage sft")   # past the code check: the next question
+    monkeypatch.setitem(st.CODE_VERSIONS, "decoding", st.CODE_VERSIONS["decoding"] + 1)
+    v = st.CODE_VERSIONS["decoding"]
+    assert stale_reason(run, "dpo") == f"code changed: decoding {v - 1} -> {v}"
+    assert "code" not in st.fingerprint(run, "data") and st.fingerprint(run, "dpo")["code"] == {"decoding": v}
+    assert st.stage_key(run, "dpo") != read_marker(run, "dpo")["key"]  # checkpoints of the old version do not resume
+
+
 def test_registry_is_the_graph():
     assert list(STAGES)[0] == "data" and plan("verify")[-1] == "verify"
     for s in STAGES.values():                            # every dependency comes earlier in pipeline order

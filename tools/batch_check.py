@@ -2,10 +2,10 @@
 
     .venv/bin/python tools/batch_check.py runs/small     # -> nbs/results/batch_check.json (12_rl; ~3 min)
 
-The own `generate` left-pads a batch and gives every row the budget its longest prompt leaves in the context
-(`Decoding.n`), so a short prompt batched with a long one can have its answer cut. This scores the own models of a
-kept run on the leaderboard's 120 test-play prompts (17_evaluate) at the eval section's batch size and at smaller
-ones, greedily, with `score_model` (11_dpo); a batch of one is cut only by its own prompt's length.
+The own `generate` left-pads a batch; each row has its own prompt's budget (`Decoding.budgets`; before commit a9b0755
+every row had the longest prompt's, and short prompts batched with long ones had their answers cut). This scores the
+own models of a kept run on the leaderboard's 120 test-play prompts (17_evaluate) at the eval section's batch size and
+at smaller ones, greedily, with `score_model` (11_dpo): the scores should not depend on the batch.
 """
 import argparse, sys
 from pathlib import Path

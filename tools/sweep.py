@@ -95,10 +95,11 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     out["prompts"] = {k: len(v) for k, v in prompts.items()}
     if stage == "rl":
         start = get_stage("rl").deps[0]
-        out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new))
+        first = load_model(base / start)  # scored, then sampled for the headroom
+        out["start"] = dict(stage=start, **scores(first, tok, prompts, n_new))
         print(json.dumps(out["start"]), flush=True)
         out["headroom"] = dict(HEADROOM, prompts="valid", models={})
-        for name, m in ((start, load_model(base / start)), ("rl (preset)", load_model(base / stage))):
+        for name, m in ((start, first), ("rl (preset)", load_model(base / stage))):
             out["headroom"]["models"][name] = {
                 str(t): list(best_of_k(m, tok, prompts["valid"], HEADROOM["k"], t, n_new).items())
                 for t in HEADROOM["temperatures"]

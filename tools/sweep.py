@@ -25,7 +25,7 @@ from microlm.model import load_model  # noqa: E402
 from microlm.rl import best_of_k  # noqa: E402
 from microlm.sft import finetune_data, padded_share  # noqa: E402
 from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
-from microlm.stages import ensure, get_stage, is_current, plan, run_stage  # noqa: E402
+from microlm.stages import ensure, get_stage, is_current, plan, read_marker, run_stage  # noqa: E402
 from microlm.tokenizer import load_tokenizer  # noqa: E402
 from microlm.train import read_log  # noqa: E402
 
@@ -65,9 +65,8 @@ def scratch_run(base: Run, stage: str, name: str, overrides: dict, work: Path) -
     d = work / name.replace(" ", "_").replace("/", "-").replace(",", "")
     preset = apply_overrides(base.preset, overrides)
     shared = plan(stage)[:-1]
-    marker = lambda r, s: (r / ".stages" / f"{s}.json").read_text() if (r / ".stages" / f"{s}.json").exists() else None
     same = (d / "config.json").exists() and Run(d).preset == preset
-    if not (same and all(marker(d, s) == marker(base, s) for s in shared)):  # new, or the base re-ran a shared stage
+    if not (same and all(read_marker(d, s) == read_marker(base, s) for s in shared)):  # new, or the base re-ran one
         run = trial_run(base, d, base.preset.seed, overrides)  # data and tokenizer
         for s in shared:
             for out in get_stage(s).outputs:

@@ -12,6 +12,7 @@ import torch
 from .config import RLConfig, Run, amp_dtype, autocast
 from microlm.dpo import (
     Targets,
+    answer_f1,
     cached,
     finish_tuning,
     plot_metrics,
@@ -28,12 +29,13 @@ from .generate import end_of_turn_id, model_device
 from .model import load_model
 from .sft import collate, finetune, next_token_xy
 from .stages import get_stage, stage_body
+from .tasks import aggregate, score_answer
 from .tokenizer import load_tokenizer
 from .train import read_log
 
 # %% auto #0
 __all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'rl_start', 'rl_stage',
-           'best_of_k']
+           'answer_scores', 'best_of_n']
 
 # %% ../nbs/12_rl.ipynb #4084f47a
 def check_reward(value, where: str = "reward") -> float:
@@ -244,18 +246,31 @@ def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool =
     )
 
 # %% ../nbs/12_rl.ipynb #14af82b2
-def best_of_k(
+def answer_scores(
     model,
     tok,
     examples: list[dict],  # structured tasks with their gold
-    k: int = 16,  # answers sampled per prompt
-    temperature: float = 1.0,
+    k: int = 16,  # answers per prompt
+    temperature: float = 1.0,  # 0: the greedy answer (then k must be 1)
     max_new_tokens: int = 128,
     seed: int = 0,
-) -> dict[int, float]:
-    "Mean field F1 of the best of the first n of `k` sampled answers per prompt, for n = 1, 2, 4, ... up to `k`."
-    if k < 1 or temperature <= 0:
-        raise ValueError(f"best_of_k: k must be >= 1 and temperature > 0 (sampling), got {k=}, {temperature=}")
+) -> list[list[dict]]:
+    "08_tasks' `score_answer` of `k` answers to each example's prompt: sampled, or greedy at temperature 0."
+    if k < 1 or temperature < 0 or (temperature == 0 and k != 1):
+        raise ValueError(
+            f"answer_scores: k >= 1 answers sampled at temperature > 0, or one greedy answer at 0; {k=}, {temperature=}"
+        )
     gens = sample_answers(model, tok, examples, k, temperature, max_new_tokens, seed)
-    f1 = torch.tensor([[task_reward(g.text, e, exact_bonus=0.0) for g in gs] for e, gs in zip(examples, gens)])
-    return {n: round(f1[:, :n].max(-1).values.mean().item(), 4) for n in (2**i for i in range(k.bit_length()))}
+    return [[score_answer(g.text, e["gold"], e["schema"]) for g in gs] for e, gs in zip(examples, gens)]
+
+
+def best_of_n(scores: list[list[dict]]) -> dict[int, dict]:
+    "For n = 1, 2, 4, ... up to k: F1 and exact rate (`aggregate`) of each prompt's best answer among its first n."
+    k = {len(row) for row in scores}
+    if len(k) != 1 or 0 in k:
+        raise ValueError(f"best_of_n: expected the same number (>= 1) of scored answers for every prompt, got {k or 0}")
+    out = {}
+    for n in (2**i for i in range(k.pop().bit_length())):
+        best = [max(row[:n], key=answer_f1) for row in scores]  # the first of equals
+        out[n] = {m: round(v, 4) for m, v in aggregate(best).items() if m in ("f1", "exact")}
+    return out

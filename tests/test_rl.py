@@ -9,8 +9,10 @@ from safetensors.torch import load_file
 from microlm.config import SMOKE, ModelConfig, RLConfig, Run
 from microlm.dpo import task_reward
 from microlm.model import MicroLM
-from microlm.rl import Rollouts, best_of_k, check_reward, group_advantages, grpo_loss, grpo_loss_fn, rl_stage
-from microlm.tasks import SCHEMAS
+from microlm.rl import (
+    Rollouts, answer_scores, best_of_n, check_reward, group_advantages, grpo_loss, grpo_loss_fn, rl_stage,
+)
+from microlm.tasks import SCHEMAS, flatten
 from microlm.tokenizer import to_hf, train_bpe
 from microlm.train import list_checkpoints, read_log
 
@@ -131,16 +133,38 @@ def test_rollouts_drop_flat_groups(tok, drop_flat):
     assert graded.sum() == G - flat and graded.all() == drop_flat and groups.sum(-1).abs().max() < 1e-5
 
 
-def test_best_of_k(tok):
-    "best_of_k: one entry per power of two up to k, never falling with n, seeded; greedy or k < 1 refused."
+def test_best_of_n(tok):
+    "answer_scores + best_of_n: one entry per power of two up to k, never falling with n, seeded; greedy is one answer."
     torch.manual_seed(0)
     m, ex = MicroLM(TINY).eval(), [REPAIR, EXTRACT, REPAIR]
-    bk = best_of_k(m, tok, ex, k=6, max_new_tokens=6, seed=2)
-    assert list(bk) == [1, 2, 4] and all(0.0 <= a <= b <= 1.0 for a, b in zip(bk.values(), list(bk.values())[1:]))
-    assert best_of_k(m, tok, ex, k=6, max_new_tokens=6, seed=2) == bk
-    for kw in (dict(temperature=0.0), dict(k=0)):
-        with pytest.raises(ValueError, match="best_of_k: k must be >= 1 and temperature > 0"):
-            best_of_k(m, tok, ex, **kw)
+    sc = answer_scores(m, tok, ex, k=6, max_new_tokens=6, seed=2)
+    assert [len(row) for row in sc] == [6, 6, 6] and all(s["n_gold"] == len(flatten(e["gold"])) for e, row in
+                                                       zip(ex, sc) for s in row)
+    bk = best_of_n(sc)
+    assert list(bk) == [1, 2, 4] and all(a["f1"] <= b["f1"] for a, b in zip(bk.values(), list(bk.values())[1:]))
+    assert answer_scores(m, tok, ex, k=6, max_new_tokens=6, seed=2) == sc
+    greedy = answer_scores(m, tok, ex, k=1, temperature=0.0, max_new_tokens=6)
+    assert [len(row) for row in greedy] == [1, 1, 1] and greedy[0] == greedy[2]  # one prompt, one greedy answer
+    for kw in (dict(temperature=0.0), dict(k=0), dict(temperature=-1.0)):
+        with pytest.raises(ValueError, match="answer_scores: k >= 1 answers sampled at temperature > 0"):
+            answer_scores(m, tok, ex, **kw)
+    for bad in ([], [[]], [[greedy[0][0]], [greedy[0][0]] * 2]):
+        with pytest.raises(ValueError, match="best_of_n: expected the same number"):
+            best_of_n(bad)
+
+
+def test_best_of_n_picks_by_f1_and_pools_like_the_leaderboard():
+    "By hand: each prompt's best of its first n answers by F1 (the first of equals), fields pooled over prompts."
+    def s(tp, n_pred, n_gold, exact=False):
+        return dict(parsed=True, json_only=True, schema_valid=True, exact=exact, tp=tp, n_pred=n_pred, n_gold=n_gold,
+                    missing=0, hallucinated=0)
+
+    a = [s(0, 4, 4), s(2, 4, 4), s(1, 2, 4), s(4, 4, 4, exact=True)]  # F1 0, .5, .333, 1
+    b = [s(1, 2, 2), s(0, 2, 2), s(2, 2, 2, exact=True), s(2, 2, 2, exact=True)]  # F1 .5, 0, 1, 1
+    bk = best_of_n([a, b])
+    assert bk[1] == {"f1": round(2 * 1 / (4 + 4 + 2 + 2), 4), "exact": 0.0}
+    assert bk[2] == {"f1": round(2 * 3 / (4 + 4 + 2 + 2), 4), "exact": 0.0}  # a's second, b's first
+    assert bk[4] == {"f1": 1.0, "exact": 1.0}
 
 
 def test_group_advantages():

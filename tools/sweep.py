@@ -4,16 +4,22 @@
     .venv/bin/python tools/sweep.py rl runs/small       # -> nbs/results/rl_sweep.json (12_rl; ~5 min a setting)
     .venv/bin/python tools/sweep.py names runs/small    # -> nbs/results/names_sweep.json (09_sft: SFT with and
                                                         #    without 08_tasks' invented speaker names; ~10 min a setting)
+    .venv/bin/python tools/sweep.py headroom runs/small # -> nbs/results/rl_headroom.json (12_rl: what sampling can
+                                                        #    reach; trains nothing; ~20 min)
 
 Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current stage). The others
 are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and the stages the swept
 stage starts from (hard links), then every model answers the same prompts greedily: 120 held-out *valid*-play prompts
 (the plays the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). For `rl` the
-model it starts from answers them too, so a row's gain is measured on the same prompts, and `best_of_k` (12_rl) of
-that start and of the preset's RL model samples the valid prompts (HEADROOM): what RL can sharpen towards. The
-notebooks render the tables from the JSON; nothing here is typed into prose. Scratch runs still current are reused.
+model it starts from answers them too, so a row's gain is measured on the same prompts. Scratch runs still current
+are reused.
+
+`headroom` trains nothing: the run's RL start and RL model each answer both prompt sets greedily and with HEADROOM's k
+samples per prompt at each temperature, scored as the leaderboard scores (12_rl's `answer_scores` and `best_of_n`),
+over all prompts and per task kind: what RL can sharpen towards.
+The notebooks render the tables from the JSON; nothing here is typed into prose.
 """
-import argparse, json, os, shutil, sys, time
+import argparse, collections, json, os, shutil, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +28,8 @@ from microlm.config import Run, atomic_write, machine  # noqa: E402
 from microlm.dpo import heldout_examples, sample_answers, score_model  # noqa: E402
 from microlm.evaluate import eval_examples  # noqa: E402
 from microlm.model import load_model  # noqa: E402
-from microlm.rl import best_of_k  # noqa: E402
+from microlm.rl import answer_scores, best_of_n  # noqa: E402
+from microlm.tasks import aggregate  # noqa: E402
 from microlm.sft import finetune_data, padded_share  # noqa: E402
 from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
 from microlm.stages import ensure, get_stage, is_current, plan, read_marker, run_stage  # noqa: E402
@@ -54,7 +61,7 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
 STAGE = {"names": "sft"}  # the stage a sweep trains, where it is not the sweep's own name
 CURVE = {"sft": "val_loss", "rl": "heldout_f1"}  # the log record each row's curve follows
 SUMMARY = {"sft": ("val_loss",), "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary
-HEADROOM = dict(k=16, temperatures=(0.5, 1.0))  # rl: best_of_k of the start and the preset's RL model, valid prompts
+HEADROOM = dict(k=16, temperatures=(0.5, 1.0), seed=0)  # headroom: answers sampled per prompt, at each temperature
 KEYS = ("f1", "exact", "parse", "schema_valid")
 
 
@@ -94,16 +101,8 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     out["prompts"] = {k: len(v) for k, v in prompts.items()}
     if stage == "rl":
         start = get_stage("rl").deps[0]
-        first = load_model(base / start)  # scored, then sampled for the headroom
-        out["start"] = dict(stage=start, **scores(first, tok, prompts, n_new))
+        out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new))
         print(json.dumps(out["start"]), flush=True)
-        out["headroom"] = dict(HEADROOM, prompts="valid", models={})
-        for name, m in ((start, first), ("rl (preset)", load_model(base / stage))):
-            out["headroom"]["models"][name] = {
-                str(t): list(best_of_k(m, tok, prompts["valid"], HEADROOM["k"], t, n_new).items())
-                for t in HEADROOM["temperatures"]
-            }
-            print(name, json.dumps(out["headroom"]["models"][name]), flush=True)
     rows = []
     for name, ov in settings.items():
         run, t0 = scratch_run(base, stage, name, ov, work), time.time()
@@ -137,15 +136,48 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     return dict(out, machine=machine(), rows=rows)
 
 
+def by_kind(kinds: list[str], rows: list, f) -> dict:
+    "f(rows) over all prompts and over each task kind's."
+    return {"all": f(rows), **{k: f([r for r, kk in zip(rows, kinds) if kk == k]) for k in sorted(set(kinds))}}
+
+
+def headroom(base: Run) -> dict:
+    "Greedy and best-of-n scores (12_rl's `best_of_n`) of the run's RL start and RL model, on both prompt sets."
+    stages = (get_stage("rl").deps[0], "rl")
+    for s in stages:
+        if read_marker(base, s) is None or not (base / s / "model.safetensors").exists():
+            raise SystemExit(f"{base}: no {s!r} model there; run `microlm pipeline --preset {base.preset.name}` first")
+    tok, L, n_new = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len, base.preset.eval.max_new_tokens
+    prompts = {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}
+    out = dict(run=str(base.root), preset=base.preset.name, **HEADROOM, max_new_tokens=n_new, models={})
+    out["prompts"] = {k: dict(collections.Counter(e["kind"] for e in ex)) for k, ex in prompts.items()}
+    greedy = lambda rows: {m: round(v, 4) for m, v in aggregate([r[0] for r in rows]).items() if m in ("f1", "exact")}
+    for s in stages:
+        model, t0 = load_model(base / s), time.time()
+        rec = out["models"][s] = dict(outputs_digest=read_marker(base, s)["outputs_digest"])
+        for k, ex in prompts.items():
+            kinds = [e["kind"] for e in ex]
+            rec[k] = {"greedy": by_kind(kinds, answer_scores(model, tok, ex, 1, 0.0, n_new), greedy)}
+            for t in HEADROOM["temperatures"]:
+                sc = answer_scores(model, tok, ex, HEADROOM["k"], t, n_new, HEADROOM["seed"])
+                rec[k][str(t)] = by_kind(kinds, sc, best_of_n)
+            print(s, k, json.dumps({t: v["all"] for t, v in rec[k].items()}), f"({time.time() - t0:.0f} s)", flush=True)
+        rec["seconds"] = round(time.time() - t0, 1)
+    return dict(out, machine=machine())
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=sorted(SETTINGS))
+    ap.add_argument("stage", choices=sorted(SETTINGS) + ["headroom"])
     ap.add_argument("run", type=Path)
     ap.add_argument("--work", type=Path, help="scratch runs (default: runs/STAGE_sweep)")
     ap.add_argument("--out", type=Path, help="the record (default: nbs/results/STAGE_sweep.json)")
     a = ap.parse_args()
-    work = a.work or ROOT / "runs" / f"{a.stage}_sweep"
-    res = sweep(Run(a.run), STAGE.get(a.stage, a.stage), SETTINGS[a.stage], work)
-    out = a.out or ROOT / "nbs" / "results" / f"{a.stage}_sweep.json"
+    if a.stage == "headroom":
+        res, out = headroom(Run(a.run)), a.out or ROOT / "nbs" / "results" / "rl_headroom.json"
+    else:
+        work = a.work or ROOT / "runs" / f"{a.stage}_sweep"
+        res = sweep(Run(a.run), STAGE.get(a.stage, a.stage), SETTINGS[a.stage], work)
+        out = a.out or ROOT / "nbs" / "results" / f"{a.stage}_sweep.json"
     atomic_write(out, res)
     print(f"wrote {out}")

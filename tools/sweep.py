@@ -1,6 +1,7 @@
-"""Settings of one fine-tuning stage (`sft` or `rl`) on one run, every model scored on the same prompts.
+"""Settings of one fine-tuning stage (`sft`, `dpo` or `rl`) on one run, every model scored on the same prompts.
 
     .venv/bin/python tools/sweep.py sft runs/small      # -> nbs/results/sft_sweep.json (09_sft; ~10 min a setting)
+    .venv/bin/python tools/sweep.py dpo runs/small      # -> nbs/results/dpo_sweep.json (11_dpo; ~3 min a setting)
     .venv/bin/python tools/sweep.py rl runs/small       # -> nbs/results/rl_sweep.json (12_rl; ~5 min a setting)
     .venv/bin/python tools/sweep.py names runs/small    # -> nbs/results/names_sweep.json (09_sft: SFT with and
                                                         #    without 08_tasks' invented speaker names; ~10 min a setting)
@@ -10,8 +11,8 @@
 Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current stage). The others
 are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and the stages the swept
 stage starts from (hard links), then every model answers the same prompts greedily: 120 held-out *valid*-play prompts
-(the plays the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). For `rl` the
-model it starts from answers them too, so a row's gain is measured on the same prompts. Scratch runs still current
+(the plays the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). For `dpo` and `rl`
+the model they start from answers them too, so a row's gain is measured on the same prompts. Scratch runs still current
 are reused.
 
 `headroom` trains nothing: the run's RL start and RL model each answer both prompt sets greedily and with HEADROOM's k
@@ -52,6 +53,13 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "30 steps, groups of 16, 4 prompts": {"rl": {"group_size": 16}, "rl_train": {"batch_size": 4}},
         "30 steps, every group (no drop_flat)": {"rl": {"drop_flat": False}},
     },
+    "dpo": {
+        "40 steps, beta 0.1 (preset)": {},
+        "20 steps": {"dpo_train": {"max_steps": 20}},
+        "beta 0.3": {"dpo": {"beta": 0.3}},
+        "the chosen answer's NLL too (RPO, weight 1)": {"dpo": {"sft_weight": 1.0}},
+        "the gold answer chosen": {"dpo": {"chosen": "gold"}},
+    },
     "names": {
         "half the examples renamed (preset)": {},
         "no names invented": {"sft_data": {"rename_speakers": 0.0}},
@@ -59,8 +67,9 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
     },
 }
 STAGE = {"names": "sft"}  # the stage a sweep trains, where it is not the sweep's own name
-CURVE = {"sft": "val_loss", "rl": "heldout_f1"}  # the log record each row's curve follows
-SUMMARY = {"sft": ("val_loss",), "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary
+CURVE = {"sft": "val_loss", "dpo": "heldout_f1", "rl": "heldout_f1"}  # the log record each row's curve follows
+SUMMARY = {"sft": ("val_loss",), "dpo": ("pairs", "loss", "sample_reward"),
+           "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary
 HEADROOM = dict(k=16, temperatures=(0.5, 1.0), seed=0)  # headroom: answers sampled per prompt, at each temperature
 KEYS = ("f1", "exact", "parse", "schema_valid")
 
@@ -99,8 +108,8 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     shown = [e for e in prompts["test"] if e["kind"] == "repair"][:4]  # answers shown beside the gold
     out = dict(stage=stage, run=str(base.root), preset=base.preset.name)
     out["prompts"] = {k: len(v) for k, v in prompts.items()}
-    if stage == "rl":
-        start = get_stage("rl").deps[0]
+    if stage in ("dpo", "rl"):  # the model the stage starts from answers the same prompts
+        start = get_stage(stage).deps[0]
         out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new))
         print(json.dumps(out["start"]), flush=True)
     rows = []

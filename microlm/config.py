@@ -284,7 +284,7 @@ class DPOConfig:
     chosen: str = "best"  # 'best': the best-scored sample is chosen; 'gold': the gold answer is
     margin: float = 0.2  # the chosen answer's reward must beat the rejected one's by at least this
     exact_bonus: float = 0.5  # reward = field F1 + this for a valid, exact answer
-    beta: float = 0.1  # how far the policy may move from the reference (the implicit KL weight)
+    beta: float = 0.3  # how far the policy may move from the reference (the implicit KL weight; 11_dpo's sweep)
     loss: str = "sigmoid"  # 'sigmoid' (DPO) or 'ipo'
     sft_weight: float = 0.0  # + this x the chosen answer's per-token NLL (RPO); 0: plain DPO
     reference: str = "sft"  # 'sft': the frozen starting model; 'none': reference-free

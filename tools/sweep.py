@@ -54,9 +54,10 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "30 steps, every group (no drop_flat)": {"rl": {"drop_flat": False}},
     },
     "dpo": {
-        "40 steps, beta 0.1 (preset)": {},
+        "40 steps, beta 0.3 (preset)": {},
+        "beta 0.1 (the DPO paper's)": {"dpo": {"beta": 0.1}},
+        "beta 1.0": {"dpo": {"beta": 1.0}},
         "20 steps": {"dpo_train": {"max_steps": 20}},
-        "beta 0.3": {"dpo": {"beta": 0.3}},
         "the chosen answer's NLL too (RPO, weight 1)": {"dpo": {"sft_weight": 1.0}},
         "the gold answer chosen": {"dpo": {"chosen": "gold"}},
     },

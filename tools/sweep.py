@@ -6,7 +6,7 @@
     .venv/bin/python tools/sweep.py names runs/small    # -> nbs/results/names_sweep.json (09_sft: SFT with and
                                                         #    without 08_tasks' invented speaker names; ~10 min a setting)
     .venv/bin/python tools/sweep.py headroom runs/small # -> nbs/results/rl_headroom.json (12_rl: what sampling can
-                                                        #    reach; trains nothing; ~20 min)
+                                                        #    reach; trains nothing; ~12 min)
 
 Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current stage). The others
 are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and the stages the swept

@@ -30,7 +30,6 @@ from microlm.dpo import heldout_examples, sample_answers, score_model  # noqa: E
 from microlm.evaluate import eval_examples  # noqa: E402
 from microlm.model import load_model  # noqa: E402
 from microlm.rl import answer_scores, best_of_n  # noqa: E402
-from microlm.tasks import aggregate  # noqa: E402
 from microlm.sft import finetune_data, padded_share  # noqa: E402
 from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
 from microlm.stages import ensure, get_stage, is_current, plan, read_marker, run_stage  # noqa: E402
@@ -97,6 +96,12 @@ def scratch_run(base: Run, stage: str, name: str, overrides: dict, work: Path) -
     return Run(d)
 
 
+def prompt_sets(base: Run) -> tuple:
+    "The run's tokenizer, its 120 held-out valid-play and the leaderboard's 120 test-play prompts, the answer budget."
+    tok, L = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len
+    return tok, {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}, base.preset.eval.max_new_tokens
+
+
 def scores(model, tok, prompts: dict, max_new_tokens: int) -> dict:
     return {f"{k}_{m}": round(s[m], 4) for k, ex in prompts.items()
             for s in [score_model(model, tok, ex, max_new_tokens)] for m in KEYS}
@@ -104,8 +109,7 @@ def scores(model, tok, prompts: dict, max_new_tokens: int) -> dict:
 
 def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     ensure(base, stage)
-    tok, L, n_new = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len, base.preset.eval.max_new_tokens
-    prompts = {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}
+    tok, prompts, n_new = prompt_sets(base)
     shown = [e for e in prompts["test"] if e["kind"] == "repair"][:4]  # answers shown beside the gold
     out = dict(stage=stage, run=str(base.root), preset=base.preset.name)
     out["prompts"] = {k: len(v) for k, v in prompts.items()}
@@ -157,17 +161,16 @@ def headroom(base: Run) -> dict:
     for s in stages:
         if read_marker(base, s) is None or not (base / s / "model.safetensors").exists():
             raise SystemExit(f"{base}: no {s!r} model there; run `microlm pipeline --preset {base.preset.name}` first")
-    tok, L, n_new = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len, base.preset.eval.max_new_tokens
-    prompts = {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}
+    tok, prompts, n_new = prompt_sets(base)
     out = dict(run=str(base.root), preset=base.preset.name, **HEADROOM, max_new_tokens=n_new, models={})
     out["prompts"] = {k: dict(collections.Counter(e["kind"] for e in ex)) for k, ex in prompts.items()}
-    greedy = lambda rows: {m: round(v, 4) for m, v in aggregate([r[0] for r in rows]).items() if m in ("f1", "exact")}
     for s in stages:
         model, t0 = load_model(base / s), time.time()
         rec = out["models"][s] = dict(outputs_digest=read_marker(base, s)["outputs_digest"])
         for k, ex in prompts.items():
             kinds = [e["kind"] for e in ex]
-            rec[k] = {"greedy": by_kind(kinds, answer_scores(model, tok, ex, 1, 0.0, n_new), greedy)}
+            greedy = answer_scores(model, tok, ex, 1, 0.0, n_new)  # one answer each: its "best of 1"
+            rec[k] = {"greedy": by_kind(kinds, greedy, lambda rows: best_of_n(rows)[1])}
             for t in HEADROOM["temperatures"]:
                 sc = answer_scores(model, tok, ex, HEADROOM["k"], t, n_new, HEADROOM["seed"])
                 rec[k][str(t)] = by_kind(kinds, sc, best_of_n)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['SamplingParams', 'apply_repetition_penalty', 'apply_top_k', 'apply_top_p', 'process_logits', 'next_token',
            'model_device', 'model_config', 'context_length', 'left_pad', 'choose_tokens', 'accepted_drafts',
-           'forward_last', 'truncate_cache', 'select_rows', 'shrink_to', 'iter_next_tokens', 'Generation',
+           'forward_last', 'truncate_cache', 'select_rows', 'shrink_to', 'iter_next_tokens', 'lively', 'Generation',
            'visible_text', 'special_id', 'end_of_turn_id', 'default_stop_ids', 'Decoding', 'generate', 'stream_ids',
            'holdback', 'stream_text', 'generate_text', 'chat_prompt', 'generate_reply', 'grammar_specs',
            'compile_grammar', 'closing_tiers', 'Constraint', 'HFCausalLM', 'time_generation', 'benchmark_generation']
@@ -296,6 +296,16 @@ def iter_next_tokens(
             if constraint is not None:
                 constraint.select(keep.tolist())
             rows = [rows[i] for i in keep.tolist()]
+
+# %% ../nbs/07_generate.ipynb #578f18b3
+def lively(model, std: float = 0.3, seed: int = 0):
+    "Redraw every matrix of a random model with a larger spread, so its greedy output varies (parity checks' model)."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
 
 # %% ../nbs/07_generate.ipynb #eaf5c52b
 @dataclass

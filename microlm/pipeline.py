@@ -68,7 +68,9 @@ def headline(run: Run) -> list[str]:
                 {True: "equal", False: "DIFFERENT"}.get(v.get("parity_equal"), "—"),
             ),
             (f"vLLM {m}: output tokens/s, c16 / c1", ratio or "—"),
-            (f"vLLM {m}: soak requests, server errors", f"{v.get('soak_requests')}, {v.get('server_errors')}"),
+            # `soak_requests` counts every request of the stability check: its constrained rounds and the soak
+            (f"vLLM {m}: stability requests (rounds + soak), server errors",
+             f"{v.get('soak_requests')}, {v.get('server_errors')}"),
         ]
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
 

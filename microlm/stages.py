@@ -34,7 +34,8 @@ class Stage:
 
 # A behaviour's version goes up when a change to microlm makes the same inputs give other outputs; every stage that
 # names it is then out of date. decoding: the own `generate` (07_generate); 2 = each row its own token budget.
-CODE_VERSIONS = {"decoding": 2}
+# baselines: 19_verify's one-request-at-a-time baselines; 2 = each decodes the whole output length, as the levels do.
+CODE_VERSIONS = {"decoding": 2, "baselines": 2}
 
 # %% ../nbs/01_stages.ipynb #05c02d93
 STAGES = {
@@ -161,7 +162,7 @@ STAGES = {
             "microlm.verify:verify_stage",
             "Deployment on vLLM",
             "serve the best own model on vLLM: smoke, parity, load and stability; then every engine's decode speed",
-            code=("decoding",),  # the parity references and the own engines' speeds
+            code=("decoding", "baselines"),  # the parity references, the baselines and the own engines' speeds
         ),
     )
 }

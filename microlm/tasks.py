@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_tasks.ipynb #547acecb
 from __future__ import annotations
-import json, math, random, re
+import functools, json, math, random, re
 from typing import Callable
 
 import jsonschema
@@ -289,9 +289,14 @@ def made_up_name(rng: random.Random, words: int = 1) -> str:
 
 def speaker_pattern(speakers) -> tuple[frozenset, re.Pattern | None]:
     "The speakers' names, and one regex that finds any of them as a whole word (longest first); None for no names."
-    names = sorted({s for s in speakers if s}, key=len, reverse=True)
-    pat = re.compile(r"(?<![\w'])(" + "|".join(map(re.escape, names)) + r")(?![\w'])") if names else None
-    return frozenset(names), pat
+    return _speaker_pattern(frozenset(s for s in speakers if s))
+
+
+@functools.lru_cache(maxsize=256)  # a play's prompts are renamed one by one: its regex is built once
+def _speaker_pattern(names: frozenset) -> tuple[frozenset, re.Pattern | None]:
+    longest = sorted(names, key=lambda s: (-len(s), s))
+    pat = re.compile(r"(?<![\w'])(" + "|".join(map(re.escape, longest)) + r")(?![\w'])") if names else None
+    return names, pat
 
 
 def rename_speakers(
@@ -299,10 +304,9 @@ def rename_speakers(
     gold,
     speakers,
     rng: random.Random,
-    pattern: tuple | None = None,  # `speaker_pattern(speakers)`, built once by a caller renaming many prompts of a play
 ) -> tuple[str, object]:
     "`prompt` and `gold` with each of `speakers` found in `prompt` replaced everywhere by one invented name."
-    names, pat = pattern or speaker_pattern(speakers)
+    names, pat = speaker_pattern(speakers)
     if pat is None:
         return prompt, gold
     new = {}
@@ -338,12 +342,12 @@ def play_tasks(
     speakers = {b["speaker"] for b in blocks if b["type"] == "speech"}
     if not speakers:
         return [], 0
-    out, dropped, pattern = [], 0, speaker_pattern(speakers)
+    out, dropped = [], 0
     for i in range(4 * n):
         if len(out) == n:
             break
         kind, names = KINDS[i % len(KINDS)], random.Random(f"{seed}:{name}:{i}:names")
-        ren = (lambda p, g: rename_speakers(p, g, speakers, names, pattern)) if names.random() < rename else None
+        ren = (lambda p, g: rename_speakers(p, g, speakers, names)) if names.random() < rename else None
         ex = make_task(
             kind, blocks, random.Random(f"{seed}:{name}:{i}"), fits, max_chars, id=f"{name}-{i:04d}-{kind}", rename=ren
         )

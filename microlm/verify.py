@@ -200,10 +200,15 @@ def smoke_checks(
     return res
 
 # %% ../nbs/19_verify.ipynb #3a36ffa7
-def hf_reference(model_dir: str | Path) -> Callable[[list[int], int], list[int]]:
+def hf_reference(model_dir: str | Path, ignore_eos: bool = False) -> Callable[[list[int], int], list[int]]:
     "A reference for `parity_check`: `fn(prompt_ids, max_new_tokens) -> new ids`, `hf_greedy` on `model_dir` in fp32."
     model, _ = load_hf(model_dir)
-    return lambda ids, n: hf_greedy(model, [ids], n)[0]
+    if not ignore_eos:  # cut at the model's end-of-sequence ids, as a served answer is
+        return lambda ids, n: hf_greedy(model, [ids], n)[0]
+    # a benchmark's fixed length (vLLM's `ignore_eos`): the only stop id lies outside the vocabulary, so none ends it
+    never, eos = [model.config.vocab_size], model.generation_config.eos_token_id
+    pad = eos[0] if isinstance(eos, list) else eos
+    return lambda ids, n: hf_greedy(model, [ids], n, stop_ids=never, pad_id=pad)[0]
 
 
 def _stop_ids(model_dir: Path) -> set[int]:
@@ -444,8 +449,14 @@ def benchmark(
             times, toks = [], 0
             for p in random_prompts(baseline_requests, plen, vocab, seed=seed + 1000 * s + 1):
                 t0 = time.perf_counter()
-                toks += len(fn(p, olen))
+                got = len(fn(p, olen))
                 times.append(time.perf_counter() - t0)
+                if got != olen:  # a baseline that stops early times less work than the levels beside it
+                    raise ValueError(
+                        f"benchmark: baseline {name!r} returned {got} of the {olen} tokens asked for; a baseline must "
+                        "decode the whole length, as the levels do (`ignore_eos`; `hf_reference(..., ignore_eos=True)`)"
+                    )
+                toks += got
             base.append(
                 {
                     "name": name,
@@ -899,7 +910,7 @@ def verify_all(
     if par:
         atomic_write(out_dir / "parity.json", par)
     baselines = {"own generate": reference_fn} if reference_fn else {}
-    baselines["transformers"] = hf_reference(server.model_dir)  # the same prompts, one at a time, greedy
+    baselines["transformers"] = hf_reference(server.model_dir, ignore_eos=True)  # the same prompts, one at a time
     (plen, olen), cx = cfg.bench_shapes[0], 16 if 16 in cfg.concurrency else max(cfg.concurrency)
     bn = benchmark(
         server,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-from helpers import lively
+from microlm.generate import lively
 from microlm.config import SMOKE
 from microlm.generate import (Generation, HFCausalLM, SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p,
                               generate, generate_text, holdback, left_pad, stream_ids, stream_text)

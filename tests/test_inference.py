@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import lively
+from microlm.generate import lively
 from microlm.config import SMALL, SMOKE, Run
 from microlm.generate import Decoding, chat_prompt, default_stop_ids, generate
 from microlm.inference import (STEP_OPTIONS, CorpusLookup, DraftModel, FastLM, PromptLookup, answer_corpus,

@@ -105,6 +105,21 @@ def test_parity_with_transformers(server, tiny):
     assert not wrong["all_equal"] and wrong["cases"][0]["first_diff"] == 0
 
 
+def test_hf_reference_ignore_eos(tiny, tmp_path):
+    "The benchmark's baseline decodes the whole length; the parity reference stops at the first end-of-sequence id."
+    import shutil
+    p = [7, 8, 9, 10]
+    first = hf_reference(tiny["model"], ignore_eos=True)(p, 12)
+    assert len(first) == 12
+    eos, d = first[3], tmp_path / "eos"  # the same model, with a token of its greedy answer made its end-of-sequence
+    shutil.copytree(tiny["model"], d)
+    for f in ("config.json", "generation_config.json"):
+        c = json.loads((d / f).read_text())
+        (d / f).write_text(json.dumps({**c, "eos_token_id": [eos]}))
+    cut, full = hf_reference(d)(p, 12), hf_reference(d, ignore_eos=True)(p, 12)
+    assert cut == first[:first.index(eos)] and len(cut) <= 3 and full == first
+
+
 def test_benchmark(server, tiny, tmp_path):
     calls = []
     def baseline(ids, n): calls.append(len(ids)); return list(range(n))
@@ -113,6 +128,9 @@ def test_benchmark(server, tiny, tmp_path):
     for l in res["levels"]:
         assert l["output_tokens"] == 4 * 4 and l["output_tok_s"] > 0 and 0 < l["ttft_p50"] <= l["latency_p95"]
     assert calls == [8, 8, 8] and res["baseline"][0]["requests"] == 2   # one untimed warm-up call, then the two timed ones
+    with pytest.raises(ValueError, match="returned 1 of the 4 tokens"):  # a baseline that stops early times less work
+        benchmark(server, None, concurrency=(1,), shapes=((8, 4),), requests=1, baseline=lambda ids, n: [5],
+                  baseline_requests=1)
     assert res["baseline"][0]["output_tok_s"] > 0
     assert res["scaling"] == {"8→4": {"c4/c1": round(res["levels"][1]["output_tok_s"] / res["levels"][0]["output_tok_s"], 2)}}
     assert json.loads((tmp_path/"bench.json").read_text())["levels"][0]["requests"] == 4 and (tmp_path/"bench.png").exists()

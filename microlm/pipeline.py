@@ -68,7 +68,7 @@ def headline(run: Run) -> list[str]:
                 {True: "equal", False: "DIFFERENT"}.get(v.get("parity_equal"), "—"),
             ),
             (f"vLLM {m}: output tokens/s, c16 / c1", ratio or "—"),
-            # `soak_requests` counts every request of the stability check: its constrained rounds and the soak
+            # `soak_requests` counts every request of the stability check: its free and constrained rounds and the soak
             (f"vLLM {m}: stability requests (rounds + soak), server errors",
              f"{v.get('soak_requests')}, {v.get('server_errors')}"),
         ]

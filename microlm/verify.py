@@ -207,7 +207,7 @@ def hf_reference(model_dir: str | Path, ignore_eos: bool = False) -> Callable[[l
         return lambda ids, n: hf_greedy(model, [ids], n)[0]
     # a benchmark's fixed length (vLLM's `ignore_eos`): the only stop id lies outside the vocabulary, so none ends it
     never, eos = [model.config.vocab_size], model.generation_config.eos_token_id
-    pad = eos[0] if isinstance(eos, list) else eos
+    pad = eos[0] if isinstance(eos, list) else 0 if eos is None else eos  # pads nothing: one prompt at a time
     return lambda ids, n: hf_greedy(model, [ids], n, stop_ids=never, pad_id=pad)[0]
 
 

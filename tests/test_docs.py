@@ -25,9 +25,11 @@ def test_docs_site_builds_with_a_page_per_notebook(tmp_path):
         assert html.count("<img") >= n_png, f"{nb}: {n_png} saved plots but fewer images in the page"
 
 def test_readme_is_generated_from_index(tmp_path):
+    committed = (ROOT/"README.md").read_text()
     r = subprocess.run([sys.executable, "tools/docs.py", "--readme"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     readme = (ROOT/"README.md").read_text()
+    assert readme == committed, "README.md differs from index.ipynb: run tools/docs.py --readme and commit it"
     assert "bash tools/setup.sh && .venv/bin/python -m pytest" in readme
     assert "bash tools/setup.sh && .venv/bin/microlm pipeline" in readme
     ci = (ROOT/".ci/run").read_text()

@@ -409,8 +409,8 @@ def test_finished_rows_leave_the_batch(model):
     assert ids_of(run.results) == ids_of(alone) and [g.finish_reason for g in run.results] == [g.finish_reason for g in alone]
     assert w.widths[0] == 8 and w.widths[-1] < 8 and w.widths == sorted(w.widths, reverse=True)
     assert set(w.widths) <= {8, 4, 2, 1}
-    for s in (dict(), dict(temperature=1.0, seed=4)):  # sampled rows too: the same seed, the same answers
-        assert ids_of(generate(model, prompts, 24, stop_token_ids=stops, **s)) == ids_of(generate(model, prompts, 24, stop_token_ids=stops, **s))
+    sampled = generate(model, prompts, 24, stop_token_ids=stops, temperature=1.0, top_k=1, seed=4)  # the sampling path
+    assert ids_of(sampled) == ids_of(alone)  # top-1 sampling is greedy: rows leaving the batch change no row
 
 
 def test_constrained_rows_leave_the_batch_with_their_grammars(tok, tok_model):

@@ -97,12 +97,14 @@ def test_written_out_products_equal_blas():
     assert torch.equal(linear(x, w, 8), torch.nn.functional.linear(x, w))  # not compiling: BLAS
 
 
-def test_compiled_step_compiles_once_per_shape(model):
+def test_compiled_step_compiles_once_per_shape():
     "One program per batch size, padding and step size: a program per decoded token would recompile ~60 times."
-    fast, before = FastLM(model), counters["stats"]["unique_graphs"]
+    # an architecture no other test compiles (its own eps: its own compiled step), so every program counts here
+    fresh = lively(MicroLM(replace(SMOKE.model, max_position_embeddings=96, rms_norm_eps=3e-6)))
+    fast, before = FastLM(fresh), counters["stats"]["unique_graphs"]
     generate(fast, PROMPTS, 30)  # batched, left padding: every step feeds a slice of the growing text
     generate(fast, PROMPTS[0], 30)
-    assert fast.compiled and counters["stats"]["unique_graphs"] - before <= 4  # 0 if other tests made them
+    assert fast.compiled and 1 <= counters["stats"]["unique_graphs"] - before <= 4
 
 
 def test_fast_equals_eager_small_architecture():

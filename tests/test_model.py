@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from microlm.config import SMOKE, atomic_write
 from microlm.model import (CONFIG, WEIGHTS, MicroLM, cached_attention, count_params, from_hf_config, hf_classes, hf_model,
-                           load_model, lm_loss, positions_and_mask, save_model, softcap, to_hf_config)
+                           load_model, lm_loss, positions_and_mask, rope_inv_freq, save_model, softcap, to_hf_config)
 
 transformers = pytest.importorskip("transformers")
 
@@ -279,6 +279,8 @@ def test_bf16_model_still_runs_rope_in_fp32():
     with torch.no_grad(): ref = m(ids).logits
     m = m.to(torch.bfloat16)
     assert m.inv_freq.dtype == torch.bfloat16
+    f = m._inv_freq()  # what RoPE rotates with: the fp32 frequencies, not the bf16-rounded buffer
+    assert f.dtype == torch.float32 and torch.equal(f, rope_inv_freq(BASE_CFG.head_dim, BASE_CFG.rope_theta))
     with torch.no_grad(): lo = m(ids).logits.float()
     c = m.new_cache(1, 8); assert c.k[0].dtype == torch.bfloat16
     assert (lo - ref).abs().max() < 0.1

@@ -159,9 +159,12 @@ def test_log_and_plot(trained):
     assert [p.name for p in list_checkpoints(out/"ckpt")] == ["step_000004", "step_000008", "step_000012"]
 
 
-def test_compiled_training_matches_eager(trained, tmp_path):
+def test_compiled_training_matches_eager(trained, tmp_path, monkeypatch):
     "cfg.compile=True (`--compile`): the torch.compile'd loop gives the eager run's losses and weights, saved under the plain names."
+    compiled, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: compiled.append(fn) or real(fn, *a, **kw))
     tiny_train(tmp_path/"c", replace(CFG, compile=True), log_every=1)
+    assert compiled  # the step really went through torch.compile (equal numbers alone would not show it)
     le, lc = read_log(trained[0]/"log.jsonl"), read_log(tmp_path/"c"/"log.jsonl")
     assert [r["step"] for r in le] == [r["step"] for r in lc]
     for a, b in zip(le, lc):

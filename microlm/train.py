@@ -710,6 +710,12 @@ def train(
         last_eval = validate()
     if rank == 0 and logf.exists():
         plot_log(logf, out / "loss.png", title=f"{desc}: {out.name}")
+    if world > 1:  # data-parallel ranks must end on the same weights: a gradient left unsynchronised lets them drift
+        sums = torch.stack([p.detach().double().sum() for p in raw.parameters()]).to(device)
+        every = [torch.zeros_like(sums) for _ in range(world)]
+        dist.all_gather(every, sums)
+        if not all(torch.allclose(every[0], e, rtol=1e-6, atol=1e-9) for e in every[1:]):
+            raise RuntimeError(f"{desc}: the {world} data-parallel ranks ended on different weights")
     return {
         "steps": step,
         "tokens": tokens,

@@ -146,6 +146,7 @@ class Rollouts:
             reward_max=r.max(-1).values.mean().item(),
             flat_groups=flat.float().mean().item(),
             length=sum(len(g.ids) for gs in gens for g in gs) / r.numel(),
+            cut=sum(g.finish_reason != "stop" for gs in gens for g in gs) / r.numel(),  # stopped by max_new_tokens
         )
         return x, y
 

@@ -109,6 +109,8 @@ def test_rollouts_reuse_and_state(tok):
     ro2.load_state_dict(st)
     e2 = ro2()
     assert e is not c and torch.equal(e[0], e2[0]) and all(torch.equal(e[1][k], e2[1][k]) for k in e[1])
+    ends = [row[row != -100][-1].item() for row in e[1]["labels"]]  # an answer that stopped ends with end of turn
+    assert ro.stats["cut"] == sum(t != ro.eot for t in ends) / len(ends) > 0  # 6 tokens: random weights ramble on
     stats = {}
     loss = grpo_loss_fn(cfg, stats)(m, *a)       # the policy that sampled: ratio 1, nothing clipped
     assert math.isfinite(loss.item()) and stats["clipped"] == 0.0 and stats["kl"] > 0   # ref is another model

@@ -149,3 +149,24 @@ def test_registry_is_the_graph():
     r = microlm("--help")
     listed = {l.split()[0] for l in r.stdout.splitlines() if l.startswith("    ") and l.split()}
     assert r.returncode == 0 and set(STAGES) <= listed, r.stdout
+
+
+def test_keep_results_refuses_a_run_not_current(smoke_run, tmp_path):
+    "tools/keep_results.py keeps a run's results only when every stage asked for is current; else the kept folder stays."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("keep_results", Path(__file__).parents[1]/"tools"/"keep_results.py")
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    out = tmp_path/"kept"
+    out.mkdir()
+    (out/"old.txt").write_text("the results kept before")
+    with pytest.raises(SystemExit, match=r"not current:\n(.|\n)*  eval: never run") as e:
+        kr.keep(smoke_run.root, out)        # the session's smoke run stops at export
+    assert "export" not in str(e.value).split("not current:")[1], str(e.value)
+    assert (out/"old.txt").read_text() == "the results kept before" and len(list(out.iterdir())) == 1
+    names = kr.keep(smoke_run.root, out, stages=plan("export"))
+    assert "config.json" in names and ".stages/rl.json" in names and "rl/log.jsonl" in names
+    assert (out/"stages"/"export.json").exists() and not (out/"old.txt").exists()
+    with pytest.raises(SystemExit, match="not a run folder"):
+        kr.keep(tmp_path/"nowhere", out)
+    assert (out/"stages"/"export.json").exists()

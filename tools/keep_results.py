@@ -5,22 +5,30 @@
 The chapters never retype a number from a long run; they render it from these files. After a new main-job run,
 this command refreshes them all at once (and the chapters' saved outputs follow when the notebooks are re-run).
 Only results are kept: logs, stage records, leaderboards, verification JSON and the report; no weights, no text.
+It refuses a run whose stages are not all current (never run, interrupted, or stale against their inputs), naming
+each and why, and then leaves the kept folder as it was: the chapters must never read a half-finished run.
 """
 import argparse, glob, shutil, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from microlm.config import atomic_dir  # noqa: E402  (the repository's own package, not an installed one)
+from microlm.config import Run, atomic_dir  # noqa: E402  (the repository's own package, not an installed one)
+from microlm.stages import STAGES, stale_reason  # noqa: E402
 
 PATTERNS = ("config.json", "report.md", ".stages/*.json", "*/log.jsonl", "eval/*.json", "eval/*.md", "eval/scores.csv",
             "verify/*.json", "quant/*.json", "sft/tasks_schemas.txt")
 
 
-def keep(run: Path, out: Path) -> list[str]:
+def keep(run: Path, out: Path, stages=tuple(STAGES)) -> list[str]:
     "Copy the result files of `run` into `out` (replaced atomically); `.stages/` becomes `stages/`. The names kept."
     if not (run / "config.json").exists():
         raise SystemExit(f"{run}: not a run folder (no config.json)")
+    memo = {}
+    why = {s: r for s in stages if (r := stale_reason(Run(run), s, memo)) is not None}
+    if why:
+        lines = "".join(f"\n  {s}: {r}" for s, r in why.items())
+        raise SystemExit(f"{run}: not kept, {out} left as it was; these stages are not current:{lines}")
     files = sorted({Path(f) for p in PATTERNS for f in glob.glob(str(run / p)) if Path(f).is_file()})
     with atomic_dir(out) as tmp:
         for f in files:

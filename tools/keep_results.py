@@ -24,8 +24,8 @@ def keep(run: Path, out: Path, stages=tuple(STAGES)) -> list[str]:
     "Copy the result files of `run` into `out` (replaced atomically); `.stages/` becomes `stages/`. The names kept."
     if not (run / "config.json").exists():
         raise SystemExit(f"{run}: not a run folder (no config.json)")
-    memo = {}
-    why = {s: r for s in stages if (r := stale_reason(Run(run), s, memo)) is not None}
+    r, memo = Run(run), {}
+    why = {s: w for s in stages if (w := stale_reason(r, s, memo)) is not None}
     if why:
         lines = "".join(f"\n  {s}: {r}" for s, r in why.items())
         raise SystemExit(f"{run}: not kept, {out} left as it was; these stages are not current:{lines}")

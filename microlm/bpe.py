@@ -312,7 +312,7 @@ class ByteBPE:
 
 # %% ../nbs/03_bpe.ipynb #ee6842b8
 def _steps_from_json(pt: dict | None) -> tuple:
-    "Our pre-tokenizer steps for a `tokenizers` pre_tokenizer JSON object."
+    "`ByteBPE` pre-tokenizer steps for a `tokenizers` pre_tokenizer JSON object."
     parts = [] if pt is None else pt["pretokenizers"] if pt["type"] == "Sequence" else [pt]
     if not any(p["type"] == "ByteLevel" for p in parts):
         raise NotImplementedError(f"not a byte-level pre-tokenizer: {pt}")

@@ -6,18 +6,19 @@
 from __future__ import annotations
 import argparse, json, sys, unicodedata
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .generate import HFCausalLM, SamplingParams, context_length, default_stop_ids, special_id, stream_text
+from .generate import (HFCausalLM, SamplingParams, chat_prompt, context_length, default_stop_ids, special_id,
+                              stream_text)
 from .inference import fast_model
 from .model import load_model
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['HELP', 'special_strings', 'sanitize', 'ContextTooLong', 'ChatSession', 'load_chat_model', 'chat_parser',
-           'parse_command_line', 'chat_main']
+__all__ = ['HELP', 'special_strings', 'sanitize', 'ContextTooLong', 'fit_messages', 'ChatSession', 'load_chat_model',
+           'chat_parser', 'parse_command_line', 'chat_main']
 
 # %% ../nbs/14_chat.ipynb #b5fd36e9
 def special_strings(tokenizer) -> list[str]:
@@ -37,11 +38,31 @@ def sanitize(text: str, specials: Sequence[str] = ()) -> str:
         if text == before:
             return text
 
-# %% ../nbs/14_chat.ipynb #2e575426
+# %% ../nbs/14_chat.ipynb #e13bc5a4
 class ContextTooLong(ValueError):
     "The newest message alone does not fit the chat's context."
 
 
+def fit_messages(
+    messages: list[dict],  # an optional system message, then user/assistant turns, ending with a user message
+    count: Callable[[list[dict]], int],  # prompt tokens of a message list (chat template included)
+    budget: int,  # prompt tokens that fit: the context minus the reply's max tokens
+    remedy: str = "lower max tokens",  # the advice after "shorten it, or" when nothing fits
+) -> tuple[list[dict], int, int]:
+    "Drop the oldest turns (not the system prompt) until the prompt fits: (kept, turns dropped, prompt tokens)."
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system) :]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    for dropped, start in enumerate(starts):
+        kept = system + rest[start:]
+        if (n := count(kept)) <= budget:
+            return kept, dropped, n
+    raise ContextTooLong(
+        f"the message needs {n} prompt tokens (with the system prompt) but only {budget} fit beside the reply's "
+        f"max tokens: shorten it, or {remedy}"
+    )
+
+# %% ../nbs/14_chat.ipynb #2e575426
 class ChatSession:
     "A multi-turn chat: history in the chat template, the oldest turns dropped to fit the context, streamed replies."
 
@@ -92,23 +113,12 @@ class ChatSession:
             msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         return msgs + ([{"role": "user", "content": user}] if user is not None else [])
 
-    def render(self, msgs: list[dict]) -> list[int]:
-        "Token ids of `msgs` through the tokenizer's chat template, ending with the assistant's generation prompt."
-        text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
     def prompt(self, user: str) -> tuple[list[int], int]:
         "The prompt ids for a new user message (sanitised here) and how many old turns had to be dropped to fit."
-        user, budget = sanitize(user, self.specials), self.max_context - self.max_new_tokens
-        for start in range(len(self.turns) + 1):
-            ids = self.render(self.messages(user, start))
-            if len(ids) <= budget:
-                return ids, start
-        raise ContextTooLong(
-            f"the message needs {len(ids)} prompt tokens (with the system prompt) but only {budget} fit "
-            f"(max_context {self.max_context} - max_new_tokens {self.max_new_tokens}): shorten it, "
-            f"or raise max_context / lower max_new_tokens"
-        )
+        count, budget = lambda msgs: len(chat_prompt(self.tokenizer, msgs)), self.max_context - self.max_new_tokens
+        msgs = self.messages(sanitize(user, self.specials))
+        kept, dropped, _ = fit_messages(msgs, count, budget, remedy="raise max_context or lower max_new_tokens")
+        return chat_prompt(self.tokenizer, kept), dropped
 
     def stream(self, user: str) -> Iterator[str]:
         "Send a user message; yield the reply's text as it is generated, then record the turn."
@@ -155,7 +165,7 @@ def load_chat_model(path: str | Path, device: str = "cpu"):
             f"{cfg_file}: neither a microlm checkpoint (format 'microlm') nor a Hugging Face causal LM "
             f"(architectures {cfg.get('architectures')})"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # only for a folder that is not our own format
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # only for a folder that is not a microlm stage folder
 
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
     return HFCausalLM(hf).eval(), AutoTokenizer.from_pretrained(str(path))

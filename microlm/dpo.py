@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from .config import Run, amp_dtype, atomic_write, autocast, finish_figure, seed_everything
+from .data import jsonl_records
 from .generate import Generation, chat_prompt, default_stop_ids, generate, model_device
 from .model import load_model, save_model
-from .sft import SFTBatches, collate, encode_chat, finetune, next_token_xy
+from .sft import SFTBatches, collate, encode_chat, finetune, next_token_xy, require_model
 from .stages import stage_body, stage_key
 from .tasks import aggregate, flatten, parse_json, score_answer
 from .tokenizer import load_tokenizer
@@ -26,8 +27,8 @@ from .train import read_log
 __all__ = ['DPO_PANELS', 'answer_f1', 'partial_f1', 'task_reward', 'task_prompts', 'sample_answers', 'sft_tasks',
            'heldout_examples', 'score_model', 'preference_pairs', 'token_logps', 'dpo_loss', 'dpo_batch_loss',
            'trl_dpo_loss', 'Targets', 'encode_pair', 'pair_batch', 'PairBatches', 'reference_logps', 'append_log',
-           'heldout_record', 'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'require', 'tuning_setup',
-           'check_context', 'make_pairs', 'dpo_stage', 'stage_results']
+           'heldout_record', 'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'tuning_setup', 'check_context',
+           'make_pairs', 'dpo_stage', 'stage_results']
 
 # %% ../nbs/11_dpo.ipynb #ef324b72
 def answer_f1(score: dict) -> float:
@@ -98,8 +99,7 @@ def sft_tasks(run: Run, split: str, seq_len: int) -> list[dict]:
     f = run / "sft" / f"tasks_{split}.jsonl"
     if not f.exists():
         raise FileNotFoundError(f"{f} not found: run the sft stage first (microlm sft --run {run.root})")
-    tasks = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [e for e in tasks if e["n_tokens"] <= seq_len]
+    return [e for _, e in jsonl_records(f) if e["n_tokens"] <= seq_len]
 
 
 def heldout_examples(run: Run, n: int, seq_len: int) -> list[dict]:
@@ -366,17 +366,10 @@ def cached(path: Path, key: str, make: Callable[[], dict]) -> dict:
     return d
 
 
-def require(run: Run, stage: str):
-    "A clear error unless the model of `stage` (and the tokenizer) are in the run folder."
-    for p in (run / stage / "model.safetensors", run / "tokenizer" / "tokenizer.json"):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} not found: run the {stage} stage first (microlm {stage} --run {run.root})")
-
-
 def tuning_setup(run: Run, stage: str, start: str, force: bool, cache: str) -> tuple:
     "What DPO and RL do before training: (tokenizer, model of `start`, held-out examples, stage key), inputs checked."
     tcfg, out = getattr(run.preset, f"{stage}_train"), run / stage
-    require(run, start)
+    require_model(run, run / start)
     if force:
         shutil.rmtree(out / "ckpt", ignore_errors=True)
         (out / cache).unlink(missing_ok=True)  # the stage's cached samples of its start model

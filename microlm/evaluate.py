@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import Run, atomic_write, save_figure
 from .export import OWN_MODELS, hf_greedy, hf_to_own, load_own
-from .generate import context_length, default_stop_ids, generate, special_id
+from .generate import chat_prompt, context_length, default_stop_ids, generate
 from .inference import fast_model
 from .model import load_model
 from .sft import encode_chat
@@ -75,7 +75,7 @@ def own_backend(
     def answer(convs):
         if schemas is not None and len(schemas) != len(convs):
             raise ValueError(f"own_backend: {len(schemas)} schemas for {len(convs)} prompts; give one per prompt")
-        ids = [tok.apply_chat_template(c, add_generation_prompt=True, return_dict=False)[-(ctx - 1) :] for c in convs]
+        ids = [chat_prompt(tok, c)[-(ctx - 1) :] for c in convs]
         rows = list(zip(ids, schemas if schemas is not None else [None] * len(ids)))
         return _batched(rows, batch_size, run_batch, key=lambda r: len(r[0]))
 
@@ -91,10 +91,7 @@ def hf_backend(
     "A Hugging Face model folder with `transformers`' own `generate` (`hf_greedy`): greedy, batched, left-padded."
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    gc = model.generation_config.eos_token_id
-    stops = sorted(
-        {*(gc if isinstance(gc, list) else [gc]), tok.eos_token_id, special_id(tok, "<|im_end|>")} - {None}
-    )
+    stops = default_stop_ids(tok, model.generation_config.eos_token_id)  # what `transformers` and vLLM stop on
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
 
     def run_batch(ids):
@@ -102,7 +99,7 @@ def hf_backend(
         return [tok.decode(g, skip_special_tokens=True) for g in new]
 
     def answer(convs):
-        ids = [tok.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in convs]
+        ids = [chat_prompt(tok, c) for c in convs]
         return _batched(ids, batch_size, run_batch)
 
     return answer
@@ -258,7 +255,9 @@ def judgement(board: dict) -> str:
             f"match "
             f"({sb['exact']:.1%} → {sl['exact']:.1%})."
         )
-    if o := best_own(board):
+    if (o := best_own(board)) and board[o]["f1"] == 0:  # an own model that scores nothing is no alternative
+        text += f" No own model gets a field right yet ({o} parses {board[o]['parse']:.1%} of its answers)."
+    elif o:
         text += (
             f" The best own model, {o}, reaches F1 {board[o]['f1']:.1%} and parses {board[o]['parse']:.1%} of its "
             "answers; "

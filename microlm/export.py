@@ -20,10 +20,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from .config import VLLM_CPU_HEAD_SIZES, Run, atomic_dir, atomic_path, atomic_write
 from .data import EOT
+from .generate import default_stop_ids, left_pad
 from .lora import load_adapter, merge_lora
-from .model import MicroLM, check_state_dict, from_hf_config, hf_classes, load_model, to_hf_config
+from .model import MicroLM, check_state_dict, count_params, from_hf_config, hf_classes, load_model, to_hf_config
 from .stages import stage_body
-from .tokenizer import STOP_TOKENS, load_tokenizer, load_tokens
+from .tokenizer import load_tokenizer, load_tokens
 
 # %% auto #0
 __all__ = ['TOKENIZER_FILES', 'GGUF_ARCHS', 'GGUF_TYPES', 'GGUF_EXPORT', 'OWN_MODELS', 'check_exportable', 'copy_tokenizer_files',
@@ -86,7 +87,7 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 
 def hf_config_for(cfg, tok):
     "The `LlamaConfig` (with QK-norm: `Qwen3Config`) of an exported own model, with its tokenizer's stop and pad ids."
-    stops = [tok.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    stops = default_stop_ids(tok)
     conf, model = hf_classes(cfg)
     return conf(
         **to_hf_config(cfg),
@@ -164,9 +165,8 @@ def hf_greedy(
     pad, ctx, out = stops[0] if pad_id is None else pad_id, model.config.max_position_embeddings, []
     for i in range(0, len(prompts), batch_size):
         ps = prompts[i : i + batch_size]
-        T, room = max(map(len, ps)), [min(max_new_tokens, ctx - len(p)) for p in ps]  # each row its own budget
-        x = torch.tensor([[pad] * (T - len(p)) + list(p) for p in ps])
-        att = (torch.arange(T)[None] >= torch.tensor([T - len(p) for p in ps])[:, None]).long()
+        room = [min(max_new_tokens, ctx - len(p)) for p in ps]  # each row its own budget
+        (x, att), T = left_pad(ps, pad), max(map(len, ps))
         with torch.no_grad():
             g = model.generate(
                 input_ids=x,
@@ -581,7 +581,7 @@ def export_stage(run: Run, force: bool = False) -> dict:
         hf, _ = load_hf(folder)
         models[name] = dict(
             path=str(folder),
-            params=sum(p.numel() for p in hf.parameters()),
+            params=count_params(hf),
             max_logit_diff=max_logit_diff(own[name], hf, ids),
         )
         if models[name]["max_logit_diff"] > 1e-4:

@@ -12,6 +12,8 @@ import jsonschema
 import torch
 import torch.nn.functional as F
 
+from .tokenizer import STOP_TOKENS
+
 # %% auto #0
 __all__ = ['SamplingParams', 'apply_repetition_penalty', 'apply_top_k', 'apply_top_p', 'process_logits', 'next_token',
            'model_device', 'model_config', 'context_length', 'left_pad', 'choose_tokens', 'accepted_drafts',
@@ -335,14 +337,15 @@ def end_of_turn_id(tokenizer) -> int | None:
     return tokenizer.eos_token_id if i is None else i
 
 
-def default_stop_ids(tokenizer) -> list[int]:
-    "Where a reply or document ends: the tokenizer's EOS plus `<|im_end|>` and `<|endoftext|>` where it has them."
+def default_stop_ids(
+    tokenizer,
+    eos: int | Sequence[int] | None = None,  # a model folder's `generation_config.eos_token_id`
+) -> list[int]:
+    "Where a reply ends: the chat's `STOP_TOKENS` the tokenizer has (or a folder's `eos` ids), and the tokenizer's EOS."
     if tokenizer is None:
         return []
-    ids = {special_id(tokenizer, t) for t in ("<|im_end|>", "<|endoftext|>")} - {None}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
+    ids = [special_id(tokenizer, t) for t in STOP_TOKENS] if eos is None else [eos] if isinstance(eos, int) else eos
+    return list(dict.fromkeys(i for i in [*ids, tokenizer.eos_token_id] if i is not None))
 
 # %% ../nbs/07_generate.ipynb #e6a6677d
 class Decoding:

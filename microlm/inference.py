@@ -17,7 +17,7 @@ from torch import nn
 from .config import Run, save_results
 from .generate import Decoding, chat_prompt, context_length, default_stop_ids, forward_last, generate, left_pad
 from .generate import model_config, truncate_cache
-from .model import KVCache, MicroLM, ModelOutput, hf_model, load_model, positions_and_mask, save_model
+from .model import KVCache, MicroLM, ModelOutput, count_params, hf_model, load_model, positions_and_mask, save_model
 from .dpo import sft_tasks
 from .sft import encode_chat, finetune, finetune_setup
 from .stages import ensure, stage_body
@@ -32,7 +32,8 @@ __all__ = ['PROJECTIONS', 'WRITTEN_ROWS', 'STEP_TOKENS', 'STEP_SIZES', 'STEP_OPT
            'decode_step', 'fast_model', 'lookup_continuation', 'pad_proposals', 'PromptLookup', 'ngram_table',
            'CorpusLookup', 'DraftModel', 'draft_stage', 'draft_folder', 'load_draft', 'structured_prompts',
            'answer_corpus', 'corpus_lookup', 'speculative_benchmark', 'memory_bandwidth', 'weight_bytes', 'load_avg',
-           'time_decode', 'time_transformers', 'decode_benchmark', 'vllm_decode', 'inference_benchmark', 'main']
+           'time_decode', 'time_transformers', 'roofline_row', 'decode_benchmark', 'vllm_decode', 'inference_benchmark',
+           'main']
 
 # %% ../nbs/13_inference.ipynb #5a6e9cf0
 def rope_pairs(head_dim: int) -> torch.Tensor:
@@ -658,6 +659,21 @@ def time_transformers(model: MicroLM, prompts: list[list[int]], new: int, reps: 
     return dict(batch=B, prefill_tok_s=round(ids.numel() / pre, 1), decode_tok_s=round(B * (new - 1) / dec, 1))
 
 
+def roofline_row(engine: str, batch: int, r: dict, nbytes: int, bw: float, **extra) -> dict:
+    "One row of a decode table: `r`'s tokens/s beside what reading `nbytes` of weights per step at `bw` GB/s allows."
+    roof = batch * bw * 1e9 / nbytes  # tokens/s if every step only had to read the weights once
+    return dict(
+        engine=engine,
+        batch=batch,
+        **extra,
+        prefill_tok_s=r.get("prefill_tok_s"),
+        decode_tok_s=r["decode_tok_s"],
+        weight_mb_per_token=round(nbytes / batch / 1e6, 3),
+        roofline_tok_s=round(roof),
+        of_roofline=round(r["decode_tok_s"] / roof, 3),
+    )
+
+
 def decode_benchmark(
     model: MicroLM,  # the target architecture (random weights do: speed does not depend on them)
     batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
@@ -681,24 +697,9 @@ def decode_benchmark(
             else:
                 r = time_decode(own[e], prompts, new, reps)
             ids[e] = r.pop("ids", None)
-            roof = B * bw * 1e9 / W  # tokens/s if every step only had to read the weights once
-            rows.append(
-                dict(
-                    engine=e,
-                    batch=B,
-                    prompt=prompt_len,
-                    new=new,
-                    prefill_tok_s=r["prefill_tok_s"],
-                    decode_tok_s=r["decode_tok_s"],
-                    same_as_eager=None if ids[e] is None else ids[e] == ids["eager"],
-                    weight_mb_per_token=round(W / B / 1e6, 3),
-                    bandwidth_gb_s=bw,
-                    roofline_tok_s=round(roof),
-                    of_roofline=round(r["decode_tok_s"] / roof, 3),
-                    threads=torch.get_num_threads(),
-                    load=load_avg(),
-                )
-            )
+            same = None if ids[e] is None else ids[e] == ids["eager"]
+            extra = dict(prompt=prompt_len, new=new, same_as_eager=same, bandwidth_gb_s=bw)
+            rows.append(roofline_row(e, B, r, W, bw, **extra, threads=torch.get_num_threads(), load=load_avg()))
     return rows
 
 # %% ../nbs/13_inference.ipynb #9cd93f7b

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .config import LoraConfig, Run, atomic_dir, seed_everything, stable_hash
 from .data import sources_dir
 from .export import copy_tokenizer_files, load_hf
+from .model import count_params
 from .sft import finetune_data
 from .stages import stage_body, stage_key
 from .train import read_log, train
@@ -131,7 +132,7 @@ def pretrained_stage(run: Run, force: bool = False, progress: bool = True) -> di
     link_folder(base, run / "hf" / "smol_base")
     merge_adapter(base, out / "adapter", run / "hf" / "smol_lora")
     ev = [r["val_loss"] for r in read_log(out / "log.jsonl") if "val_loss" in r]
-    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    trainable = count_params(pm, trainable_only=True)
     return dict(
         model=run.preset.pretrained.model,
         base=str(base),

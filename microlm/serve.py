@@ -180,7 +180,7 @@ WATCHDOG = r"""
 import os, signal, subprocess, sys, time
 parent, child = os.getppid(), subprocess.Popen(sys.argv[1:])
 while child.poll() is None:
-    if os.getppid() != parent:                       # our creator died without stopping us
+    if os.getppid() != parent:                       # the creator died without stopping the child
         signal.signal(signal.SIGTERM, signal.SIG_IGN); os.killpg(0, signal.SIGTERM)
         for _ in range(40):
             if child.poll() is not None: break

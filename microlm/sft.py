@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from .config import Run, atomic_write, seed_everything
+from .data import jsonl_records
 from .fastpath import FastMicroLM
 from .generate import end_of_turn_id
 from .model import load_model, save_model
@@ -24,7 +25,8 @@ from .train import next_token_loss, read_log, train
 # %% auto #0
 __all__ = ['chatterbot_dialogues', 'chat_examples', 'load_conversations', 'load_alpaca', 'encode_chat', 'collate',
            'next_token_xy', 'SFTBatches', 'padded_share', 'eval_batches', 'sft_data', 'encode_examples', 'schemas_text',
-           'write_jsonl', 'write_sft_files', 'finetune_data', 'finetune_setup', 'finetune', 'sft_stage']
+           'write_jsonl', 'require_model', 'write_sft_files', 'finetune_data', 'finetune_setup', 'finetune',
+           'sft_stage']
 
 # %% ../nbs/09_sft.ipynb #589daae1
 def chatterbot_dialogues(lang: str = "english") -> list[list[str]]:
@@ -69,23 +71,11 @@ _ROLES = {
 }
 
 
-def _jsonl(path: str | Path):
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{i}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
 def load_conversations(path: str | Path) -> list[dict]:
     "Chat examples from a `conversations` JSONL file (ShareGPT `from`/`value` or MiniMind `role`/`content` turns)."
     out = []
-    for where, d in _jsonl(path):
+    for i, d in jsonl_records(path):
+        where = f"{path}:{i}"
         conv = d.get("conversations") if isinstance(d, dict) else None
         if not isinstance(conv, list) or not conv:
             raise ValueError(f'{where}: expected an object with a non-empty "conversations" list, got {str(d)[:80]}')
@@ -108,7 +98,8 @@ def load_conversations(path: str | Path) -> list[dict]:
 def load_alpaca(path: str | Path) -> list[dict]:
     "Chat examples from an Alpaca JSONL file: `instruction`, optional `input`, `output`."
     out = []
-    for where, d in _jsonl(path):
+    for i, d in jsonl_records(path):
+        where = f"{path}:{i}"
         if (
             not isinstance(d, dict)
             or not isinstance(d.get("instruction"), str)
@@ -272,10 +263,13 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 # %% ../nbs/09_sft.ipynb #439b9b56
-def _require(*paths: Path):
-    for p in paths:
+def require_model(run: Run, start: Path):
+    "A clear error unless the weights in `start` and the run's tokenizer are there, naming the stage that writes them."
+    for p in (start / "model.safetensors", run / "tokenizer" / "tokenizer.json"):
         if not p.exists():
-            raise FileNotFoundError(f"{p} not found: run the stages before this one first (microlm pipeline --run ...)")
+            inside = p.parent.parent == run.root  # run/<stage>/file: that stage writes it
+            how = f"microlm {p.parent.name} --run {run.root}" if inside else f"microlm pipeline --run {run.root}"
+            raise FileNotFoundError(f"{p} not found: run the stage that writes it first ({how})")
 
 
 def write_sft_files(run: Run, data: dict, folder: Path):
@@ -312,7 +306,7 @@ def finetune_setup(
 ) -> tuple:
     "What fine-tuning stages share before training: (cfg, out, data, batches, valid, model), with the inputs checked."
     start = start or run / "pretrain"
-    _require(start / "model.safetensors", run / "tokenizer" / "tokenizer.json")
+    require_model(run, start)
     cfg, out = cfg or {"sft": run.preset.sft, "lora": run.preset.lora_train}[stage], out or run / stage
     if force:
         shutil.rmtree(out / "ckpt", ignore_errors=True)

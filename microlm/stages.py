@@ -33,8 +33,8 @@ class Stage:
 
 
 # A behaviour's version goes up when a change to microlm makes the same inputs give other outputs; every stage that
-# names it is then out of date. decoding: the own `generate` (07_generate); 2 = each row its own token budget.
-# baselines: 19_verify's one-request-at-a-time baselines; 2 = each decodes the whole output length, as the levels do.
+# names it is then out of date. decoding: the own `generate` (07_generate). baselines: 19_verify's
+# one-request-at-a-time baselines that the server's levels are timed against.
 CODE_VERSIONS = {"decoding": 2, "baselines": 2}
 
 # %% ../nbs/01_stages.ipynb #05c02d93

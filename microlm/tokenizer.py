@@ -20,9 +20,9 @@ from .stages import sha256_file, stage_body
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'EOT_ID', 'IM_START_ID', 'IM_END_ID', 'PAD_ID', 'STOP_TOKENS', 'N_BYTES', 'CHAT_TEMPLATE', 'new_bpe',
-           'train_bpe', 'encode', 'decode', 'token_strings', 'check_chat_template', 'to_hf', 'stop_ids',
-           'save_tokenizer', 'load_tokenizer', 'plot_tokens', 'token_dtype', 'encode_docs', 'write_tokens',
-           'load_tokens', 'tokenizer_stage']
+           'train_bpe', 'encode', 'decode', 'token_strings', 'check_chat_template', 'to_hf', 'save_tokenizer',
+           'load_tokenizer', 'plot_tokens', 'token_dtype', 'encode_docs', 'write_tokens', 'load_tokens',
+           'tokenizer_stage']
 
 # %% ../nbs/04_tokenizer.ipynb #26115f53
 SPECIAL_TOKENS = (EOT, "<|im_start|>", "<|im_end|>", "<|pad|>")  # ids 0, 1, 2, 3
@@ -137,15 +137,6 @@ def to_hf(
     )
     hf.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)  # a Jinja syntax error surfaces here
     return hf
-
-
-def stop_ids(tok) -> list[int]:
-    "Ids at which generation stops: end of turn and end of text."
-    ids = [
-        tok.convert_tokens_to_ids(t) if hasattr(tok, "convert_tokens_to_ids") else tok.token_to_id(t)
-        for t in STOP_TOKENS
-    ]
-    return [int(i) for i in ids]
 
 
 def save_tokenizer(hf: PreTrainedTokenizerFast, folder: str | Path) -> Path:

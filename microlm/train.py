@@ -33,7 +33,7 @@ from microlm.config import (
     stable_hash,
 )
 from .fastpath import FastMicroLM
-from .model import MicroLM, save_model, set_dropout
+from .model import MicroLM, count_params, save_model, set_dropout
 from .stages import stage_body, stage_key
 from .tokenizer import load_tokens
 
@@ -724,7 +724,7 @@ def train(
         "val_bpb": last_eval.get("val_bpb"),
         "tok_s": round((tokens - start_tokens) / max(train_s, 1e-9), 1),
         "train_minutes": round(train_s / 60, 3),
-        "params": sum(p.numel() for p in raw.parameters()),
+        "params": count_params(raw),
         "world_size": world,
         "optimizer": cfg.optimizer,
         "max_steps": max_steps,

@@ -14,22 +14,21 @@ import matplotlib.pyplot as plt
 import openai
 import torch
 from matplotlib.figure import Figure
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 from .config import Run, ServeConfig, atomic_write, save_figure
 from .evaluate import best_own, eval_examples
-from .tasks import parse_json
 from .export import OWN_MODELS, gguf_path, hf_greedy, load_hf, load_own
 from .inference import (corpus_lookup, decode_benchmark, draft_folder, load_avg, speculative_benchmark,
                                structured_prompts)
-from .inference import weight_bytes
-from .generate import generate
+from .inference import roofline_row, weight_bytes
+from .generate import chat_prompt, default_stop_ids, generate
 from .model import MicroLM, load_model
 from .quant import QUANT_MODEL, llama_batch_speed
 from .serve import COMPACT_JSON_ARGS, VLLMServer
 from .tokenizer import load_tokenizer
 from .stages import stage_body
-from .tasks import schema_valid
+from .tasks import parse_json, schema_valid, score_answer
 
 # %% auto #0
 __all__ = ['SMOKE_SCHEMA', 'SOAK_KINDS', 'DECODE_GGUF', 'run_async', 'post_raw', 'smoke_checks', 'hf_reference', 'parity_check',
@@ -211,15 +210,6 @@ def hf_reference(model_dir: str | Path, ignore_eos: bool = False) -> Callable[[l
     return lambda ids, n: hf_greedy(model, [ids], n, stop_ids=never, pad_id=pad)[0]
 
 
-def _stop_ids(model_dir: Path) -> set[int]:
-    "End-of-sequence ids from a folder's generation_config.json / config.json."
-    for f in ("generation_config.json", "config.json"):
-        p = model_dir / f
-        if p.exists() and (e := json.loads(p.read_text()).get("eos_token_id")) is not None:
-            return set(e if isinstance(e, list) else [e])
-    return set()
-
-
 def _cut(ids: list[int], stop: set[int]) -> list[int]:
     return next((ids[:i] for i, t in enumerate(ids) if t in stop), list(ids))
 
@@ -232,8 +222,9 @@ def parity_check(
     model: str | None = None,
 ) -> dict:
     "Compare vLLM's greedy completion tokens with `reference_fn`'s on the same prompts."
-    tok = AutoTokenizer.from_pretrained(server.model_dir) if any(isinstance(p, str) for p in prompts) else None
-    client, stop, cases = server.client(), _stop_ids(server.model_dir), []
+    tok = AutoTokenizer.from_pretrained(server.model_dir)
+    stop = set(default_stop_ids(tok, GenerationConfig.from_pretrained(server.model_dir).eos_token_id))
+    client, cases = server.client(), []
     for p in prompts:
         ids = tok.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
         r = client.completions.create(
@@ -701,8 +692,8 @@ async def _round(server, model, tasks, constrained, seed, temperature, concurren
                 seed=seed * 10007 + i,
                 **kw,
             )
-        obj = parse_json(r.choices[0].message.content or "")[0]
-        return obj is not None, obj is not None and schema_valid(obj, t["schema"]), obj == t["gold"]
+        s = score_answer(r.choices[0].message.content or "", t["gold"], t["schema"])
+        return s["parsed"], s["schema_valid"], s["exact"]
 
     rs = await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks)))
     await client.close()
@@ -996,7 +987,7 @@ def held_out_tasks(run: Run) -> list[dict]:
     tok, ctx, out = load_tokenizer(run / "tokenizer"), run.preset.model.max_position_embeddings, []
     for e in eval_examples(run):
         prompt = e["messages"][:-1]
-        n = len(tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
+        n = len(chat_prompt(tok, prompt))
         out.append(dict(messages=prompt, schema=e["schema"], gold=e["gold"], max_tokens=max(1, ctx - n)))
     return out
 
@@ -1043,21 +1034,6 @@ def verify_stage(run: Run, force: bool = False, model: str | None = None, lora_m
 DECODE_GGUF = ("f32", "q8_0", "q4_0")  # llama.cpp's rows: full precision, 8 bits and 4 bits per weight
 
 
-def _roofline_row(engine: str, batch: int, r: dict, nbytes: int, bw: float, **extra) -> dict:
-    "One row of the decode table: tokens/s beside what reading `nbytes` of weights per step at `bw` GB/s allows."
-    roof = batch * bw * 1e9 / nbytes
-    return dict(
-        engine=engine,
-        batch=batch,
-        **extra,
-        prefill_tok_s=r.get("prefill_tok_s"),
-        decode_tok_s=r["decode_tok_s"],
-        weight_mb_per_token=round(nbytes / batch / 1e6, 3),
-        roofline_tok_s=round(roof),
-        of_roofline=round(r["decode_tok_s"] / roof, 3),
-    )
-
-
 def decode_report(run: Run, out_dir: str | Path, cfg: ServeConfig, served: dict | None = None, log=print) -> dict:
     "Every engine's decode speed on `run`'s models, side by side in one process: `decode.json` and `decode.png`."
     out_dir, threads, t0 = Path(out_dir), torch.get_num_threads(), time.time()
@@ -1068,21 +1044,19 @@ def decode_report(run: Run, out_dir: str | Path, cfg: ServeConfig, served: dict 
     arch = MicroLM(run.preset.model).eval()  # random weights: speed does not depend on them
     own = decode_benchmark(arch, cfg.decode_batches, P, new, cfg.decode_repeats)
     bw, W = own[0]["bandwidth_gb_s"], weight_bytes(arch)
-    rows = [
-        _roofline_row(r["engine"], r["batch"], r, W, bw, same_as_eager=r["same_as_eager"], load=r["load"]) for r in own
-    ]
+    rows = [{k: v for k, v in r.items() if k not in ("prompt", "new", "bandwidth_gb_s", "threads")} for r in own]
     for t in DECODE_GGUF:
         f = gguf_path(run, QUANT_MODEL, t)
         for B in cfg.decode_batches:
             r = llama_batch_speed(f, B, threads, P, new, cfg.decode_repeats)
             # the file's size stands for the bytes read per step: its weights in their stored type
-            rows.append(_roofline_row(f"llama.cpp {t}", B, r, f.stat().st_size, bw, load=load_avg()))
+            rows.append(roofline_row(f"llama.cpp {t}", B, r, f.stat().st_size, bw, load=load_avg()))
     if served:  # the deployment's levels, at the shape that decodes the longest
         out_len = max(lv["output_len"] for lv in served["levels"])
         for lv in (lv for lv in served["levels"] if lv["output_len"] == out_len):
             r = dict(decode_tok_s=lv["output_tok_s"])
             rows.append(
-                _roofline_row(
+                roofline_row(
                     "vLLM (served)", lv["concurrency"], r, W, bw, prompt=lv["prompt_len"], new=lv["output_len"]
                 )
             )

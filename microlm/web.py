@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from transformers import AutoTokenizer
 
-from .chat import ContextTooLong, load_chat_model, parse_command_line, sanitize, special_strings
+from .chat import ContextTooLong, fit_messages, load_chat_model, parse_command_line, sanitize, special_strings
 from .config import Run
 from .generate import chat_prompt, stream_text
 from .serve import COMPACT_JSON_ARGS, VLLMServer
@@ -28,9 +28,9 @@ from .verify import bounded_schema, deployment_plan
 
 # %% auto #0
 __all__ = ['ROLES', 'RESERVED', 'LOCAL_EXTRA', 'STATIC', 'SECURITY_HEADERS', 'is_loopback', 'check_bind', 'host_allowed', 'sse',
-           'parse_sse', 'read_chat_request', 'fit_messages', 'json_schema_for', 'upstream_kwargs', 'reply_speed',
-           'json_report', 'OpenAIBackend', 'LocalBackend', 'describe_error', 'chat_events', 'Guard', 'check_chat',
-           'make_app', 'WebServer', 'web_parser', 'start_deployment', 'local_models', 'web_main', 'bench_proxy']
+           'parse_sse', 'read_chat_request', 'json_schema_for', 'upstream_kwargs', 'reply_speed', 'json_report',
+           'OpenAIBackend', 'LocalBackend', 'describe_error', 'chat_events', 'Guard', 'check_chat', 'make_app',
+           'WebServer', 'web_parser', 'start_deployment', 'local_models', 'web_main', 'bench_proxy']
 
 # %% ../nbs/19a_web.ipynb #9c289b26
 def is_loopback(host: str) -> bool:
@@ -132,25 +132,6 @@ def read_chat_request(
         max_tokens=_number(body, "max_tokens", 1, ctx - 1, min(128, ctx // 2), integer=True),
         json_schema=kind,
         extra=extra,
-    )
-
-# %% ../nbs/19a_web.ipynb #d10cdc88
-def fit_messages(
-    messages: list[dict],  # an optional system message, then user/assistant turns, ending with a user message
-    count: Callable[[list[dict]], int],  # prompt tokens of a message list (chat template included)
-    budget: int,  # prompt tokens that fit: the context minus the reply's max_tokens
-) -> tuple[list[dict], int, int]:
-    "Drop the oldest turns (not the system prompt) until the prompt fits: (kept, turns dropped, prompt tokens)."
-    system = messages[:1] if messages[0]["role"] == "system" else []
-    rest = messages[len(system) :]
-    starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
-    for dropped, start in enumerate(starts):
-        kept = system + rest[start:]
-        if (n := count(kept)) <= budget:
-            return kept, dropped, n
-    raise ContextTooLong(
-        f"the message needs {n} prompt tokens (with the system prompt) but only {budget} fit beside the reply's "
-        "max tokens: shorten it, or lower max tokens"
     )
 
 # %% ../nbs/19a_web.ipynb #50179b94

@@ -10,7 +10,7 @@ from microlm.config import SMOKE, Run
 from microlm.data import EOT, data_stage
 from microlm.tokenizer import (CHAT_TEMPLATE, EOT_ID, IM_END_ID, IM_START_ID, PAD_ID, SPECIAL_TOKENS, SPLITS, STOP_TOKENS,
                                check_chat_template, decode, encode, encode_docs, load_tokenizer, load_tokens, save_tokenizer,
-                               stop_ids, to_hf, token_dtype, tokenizer_stage, train_bpe)
+                               to_hf, token_dtype, tokenizer_stage, train_bpe)
 from microlm.stages import read_marker
 
 ADVERSARIAL = ["", " ", " leading space", "trailing space ", "👩🏽‍🚀 👨‍👩‍👧‍👦 🇬🇧 🏳️‍🌈", "日本語のテキストと中文、한국어",
@@ -140,9 +140,10 @@ def test_assistant_mask(hf):
     assert len(ids) == len(mask)
     assert hf.decode([i for i, m in zip(ids, mask) if m]) == "The Prince of Denmark.<|im_end|> Polonius' daughter.\n<|im_end|>"
 
-def test_stop_ids(hf, tok):
-    assert stop_ids(hf) == stop_ids(tok) == [IM_END_ID, EOT_ID]
+def test_stop_tokens_are_the_turn_and_document_ends(hf):
+    from microlm.generate import default_stop_ids
     assert set(STOP_TOKENS) == {"<|im_end|>", "<|endoftext|>"}
+    assert default_stop_ids(hf) == [IM_END_ID, EOT_ID]
 
 def test_template_with_unknown_special_token(tok, tmp_path):
     bad = CHAT_TEMPLATE.replace("<|im_end|>", "<|eot_id|>")

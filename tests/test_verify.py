@@ -105,6 +105,21 @@ def test_parity_with_transformers(server, tiny):
     assert not wrong["all_equal"] and wrong["cases"][0]["first_diff"] == 0
 
 
+def test_openai_backend_scores_the_server_as_transformers_does(server, tiny):
+    "17_evaluate's suite through the served model's OpenAI API: `transformers`' answers on the same folder, so its scores."
+    from microlm.evaluate import evaluate_structured, hf_backend, openai_backend
+    examples = [
+        dict(id=str(i), kind="format", schema=SCHEMAS["format"], gold={"speaker": w.upper(), "first_word": w, "line_count": 1},
+             messages=[{"role": "user", "content": f"Who speaks of {w}? Answer in JSON."}, {"role": "assistant", "content": ""}])
+        for i, w in enumerate(["crown", "ghost", "denmark", "poison"])
+    ]
+    served = evaluate_structured(openai_backend(server.base_url, "tiny", max_new_tokens=12), examples, "served")
+    local = evaluate_structured(hf_backend(tiny["model"], max_new_tokens=12), examples, "local")
+    answers = [r["answer"] for r in served["records"]]
+    assert answers == [r["answer"] for r in local["records"]] and all(answers), answers  # greedy fp32: the same text
+    assert served["overall"] == local["overall"]
+
+
 def test_hf_reference_ignore_eos(tiny, tmp_path):
     "The benchmark's baseline decodes the whole length; the parity reference stops at the first end-of-sequence id."
     import shutil

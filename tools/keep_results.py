@@ -27,7 +27,7 @@ def keep(run: Path, out: Path, stages=tuple(STAGES)) -> list[str]:
     r, memo = Run(run), {}
     why = {s: w for s in stages if (w := stale_reason(r, s, memo)) is not None}
     if why:
-        lines = "".join(f"\n  {s}: {r}" for s, r in why.items())
+        lines = "".join(f"\n  {s}: {w}" for s, w in why.items())
         raise SystemExit(f"{run}: not kept, {out} left as it was; these stages are not current:{lines}")
     files = sorted({Path(f) for p in PATTERNS for f in glob.glob(str(run / p)) if Path(f).is_file()})
     with atomic_dir(out) as tmp:

@@ -5,7 +5,7 @@ benchmark."""
 
 # %% ../nbs/13_inference.ipynb #94a5966f
 from __future__ import annotations
-import argparse, collections, json, os, subprocess, sys, tempfile, time, types, warnings
+import argparse, collections, os, subprocess, time, types, warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -25,15 +25,15 @@ from .tasks import split_tasks
 from .tokenizer import load_tokenizer
 from .speedrun import matmul_params
 from .train import pretrain_model
+from .vllm_offline import offline_generate
 
 # %% auto #0
-__all__ = ['PROJECTIONS', 'WRITTEN_ROWS', 'STEP_TOKENS', 'STEP_SIZES', 'STEP_OPTIONS', 'VLLM_DECODE', 'rope_pairs',
-           'rotate_pairs', 'linear', 'swiglu', 'FastLM', 'fast_forward', 'decode_layers', 'compiled_step', 'step_size',
-           'decode_step', 'fast_model', 'lookup_continuation', 'pad_proposals', 'PromptLookup', 'ngram_table',
-           'CorpusLookup', 'DraftModel', 'draft_stage', 'draft_folder', 'load_draft', 'structured_prompts',
-           'answer_corpus', 'corpus_lookup', 'speculative_benchmark', 'memory_bandwidth', 'weight_bytes', 'load_avg',
-           'time_decode', 'time_transformers', 'roofline_row', 'decode_benchmark', 'vllm_decode', 'inference_benchmark',
-           'main']
+__all__ = ['PROJECTIONS', 'WRITTEN_ROWS', 'STEP_TOKENS', 'STEP_SIZES', 'STEP_OPTIONS', 'rope_pairs', 'rotate_pairs', 'linear',
+           'swiglu', 'FastLM', 'fast_forward', 'decode_layers', 'compiled_step', 'step_size', 'decode_step',
+           'fast_model', 'lookup_continuation', 'pad_proposals', 'PromptLookup', 'ngram_table', 'CorpusLookup',
+           'DraftModel', 'draft_stage', 'draft_folder', 'load_draft', 'structured_prompts', 'answer_corpus',
+           'corpus_lookup', 'speculative_benchmark', 'memory_bandwidth', 'weight_bytes', 'load_avg', 'time_decode',
+           'time_transformers', 'roofline_row', 'decode_benchmark', 'vllm_decode', 'inference_benchmark', 'main']
 
 # %% ../nbs/13_inference.ipynb #5a6e9cf0
 def rope_pairs(head_dim: int) -> torch.Tensor:
@@ -703,69 +703,28 @@ def decode_benchmark(
     return rows
 
 # %% ../nbs/13_inference.ipynb #9cd93f7b
-VLLM_DECODE = r"""
-import json, sys, time
-from vllm import LLM, SamplingParams
-spec = json.load(open(sys.argv[1]))
-llm = LLM(model=spec["model_dir"], dtype="float32", enforce_eager=True, max_model_len=spec["max_model_len"], seed=0,
-          speculative_config=spec["speculative"], disable_log_stats=False)
-sp = lambda p: SamplingParams(max_tokens=min(spec["max_tokens"], spec["max_model_len"] - len(p)), temperature=0)
-llm.generate([{"prompt_token_ids": spec["prompts"][0]}], sp(spec["prompts"][0]), use_tqdm=False)  # warm-up
-out, t0 = [], time.perf_counter()
-for p in spec["prompts"]:  # one at a time: batch 1, as the own engine's rows
-    out.append(list(llm.generate([{"prompt_token_ids": p}], sp(p), use_tqdm=False)[0].outputs[0].token_ids))
-secs = time.perf_counter() - t0
-counts = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if "spec_decode" in m.name}
-json.dump({"ids": out, "seconds": secs, "metrics": counts}, open(sys.argv[2], "w"))
-"""
-
-
 def vllm_decode(
     model_dir: str | Path,  # a Hugging Face model folder (e.g. run/hf/own_sft)
     prompts: list[list[int]],
     max_tokens: int = 160,
     speculative: dict | None = None,  # vLLM's speculative_config, e.g. {"method": "ngram", "num_speculative_tokens": 6}
-    kv_cache_gib: float = 1,
     timeout: float = 1200,
 ) -> dict:
-    "Batch-1 greedy decoding of `prompts` by vLLM's offline engine, with or without its own speculation (a subprocess)."
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1")
-    with tempfile.TemporaryDirectory() as d:
-        spec, out = Path(d) / "spec.json", Path(d) / "out.json"
-        spec.write_text(
-            json.dumps(
-                dict(
-                    model_dir=str(Path(model_dir).absolute()),
-                    prompts=prompts,
-                    max_tokens=max_tokens,
-                    max_model_len=cfg["max_position_embeddings"],
-                    speculative=speculative,
-                )
-            )
-        )
-        # its own process: vLLM's engine, threads and memory go when it ends
-        r = subprocess.run(
-            [sys.executable, "-c", VLLM_DECODE, str(spec), str(out)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-        )
-        if r.returncode != 0 or not out.exists():
-            raise RuntimeError(f"vLLM decode failed (exit {r.returncode}):\n" + "\n".join(r.stderr.splitlines()[-25:]))
-        res = json.loads(out.read_text())
-    n, m = sum(map(len, res["ids"])), res["metrics"]
+    "A benchmark row: batch-1 greedy decoding of `prompts` by vLLM's offline engine, with or without its speculation."
+    res = offline_generate(model_dir, prompts, max_tokens, one_by_one=True, speculative=speculative, timeout=timeout)
+    ids, m = [o["token_ids"] for o in res["outputs"]], res["metrics"]
     drafted, accepted = m.get("vllm:spec_decode_num_draft_tokens"), m.get("vllm:spec_decode_num_accepted_tokens")
+    n = sum(map(len, ids))
     return dict(
         engine="vllm" + (f" + {speculative.get('method', 'draft')}" if speculative else ""),
         prompts=len(prompts),
         tokens=n,
         tok_s=round(n / res["seconds"], 1),
         acceptance=round(accepted / drafted, 3) if drafted else None,
-        ids=res["ids"],
+        ids=ids,
         metrics=m,
     )
+
 
 # %% ../nbs/13_inference.ipynb #3032aed9
 def inference_benchmark(

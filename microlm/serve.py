@@ -4,67 +4,17 @@
 
 # %% ../nbs/18_serve.ipynb #e7a7c01c
 from __future__ import annotations
-import argparse, atexit, contextlib, json, os, random, signal, socket, subprocess, sys, tempfile, time
+import argparse, atexit, contextlib, json, os, signal, socket, subprocess, sys, tempfile, time
 import urllib.error, urllib.request
 from pathlib import Path
 from typing import Sequence
 
+from .vllm_offline import server_env
+
+
 # %% auto #0
-__all__ = ['LORA_RANKS', 'COMPACT_JSON_ARGS', 'WATCHDOG', 'make_tiny_hf_model', 'free_port', 'lora_rank', 'server_command',
-           'has_cuda', 'server_env', 'session_pids', 'stop_process_group', 'VLLMServer', 'offline_generate', 'main']
-
-# %% ../nbs/18_serve.ipynb #c97471c0
-def _tiny_tokenizer(vocab_size: int, seed: int):
-    "The project's tokenizer (04_tokenizer: byte-level BPE, specials, chat template) on seeded pseudo-words and JSON."
-    from microlm.tokenizer import to_hf, train_bpe  # here: transformers is heavy, and only this test model needs it
-
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("etaoinshrdlucmfwypvbgkjqxz") for _ in range(rng.randint(2, 8))) for _ in range(3000)]
-    text = [" ".join(rng.choice(words) for _ in range(50)) + ' {"name": "x", "n": 1}, [1, 2, 3]' for _ in range(400)]
-    return to_hf(train_bpe(text, vocab_size))
-
-
-def make_tiny_hf_model(
-    folder: str | Path,  # written: `folder/model` (+ `folder/lora`)
-    seed: int = 0,  # seeds the tokenizer text, the weights and the adapter
-    with_lora: bool = True,  # also write a PEFT LoRA adapter with random non-zero B
-) -> dict:
-    "Write a tiny random `LlamaForCausalLM` folder (+ LoRA adapter) that vLLM can serve; return their paths."
-    # torch, transformers and peft only here: the server launcher itself stays light
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # (see above)
-
-    folder = Path(folder)
-    model_dir, lora_dir = folder / "model", folder / "lora"
-    tok = _tiny_tokenizer(1024, seed)
-    tok.save_pretrained(model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      tie_word_embeddings=True, initializer_range=0.1, bos_token_id=None, eos_token_id=[2, 0],
-                      pad_token_id=3)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float().eval()
-    model.save_pretrained(model_dir)
-    GenerationConfig(eos_token_id=[2, 0], pad_token_id=3).save_pretrained(model_dir)
-    out = {"model": model_dir, "lora": None}
-    if with_lora:
-        from peft import LoraConfig, get_peft_model  # only with an adapter
-
-        torch.manual_seed(seed + 1)
-        peft_model = get_peft_model(
-            model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
-        )
-        with torch.no_grad():
-            for n, p in peft_model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(std=0.5)
-        peft_model.save_pretrained(lora_dir)
-        cfg_path = lora_dir / "adapter_config.json"  # point at the base folder, not the in-memory object
-        cfg_path.write_text(
-            json.dumps({**json.loads(cfg_path.read_text()), "base_model_name_or_path": str(model_dir)}, indent=2)
-        )
-        out["lora"] = lora_dir
-    return out
+__all__ = ['LORA_RANKS', 'COMPACT_JSON_ARGS', 'WATCHDOG', 'free_port', 'lora_rank', 'server_command', 'session_pids',
+           'stop_process_group', 'VLLMServer', 'main']
 
 # %% ../nbs/18_serve.ipynb #11d5e657
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -136,28 +86,6 @@ def server_command(
             *[f"{n}={Path(d).absolute()}" for n, d in lora_modules.items()],
         ]
     return cmd + list(extra_args)
-
-# %% ../nbs/18_serve.ipynb #f76f3980
-def has_cuda() -> bool:
-    "Whether a CUDA device is visible (then vLLM's GPU build is expected)."
-    try:
-        import torch  # light module: torch only when asked
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
-
-
-def server_env(kv_cache_gib: float = 1, base: dict | None = None) -> dict:
-    "The environment for a vLLM process: KV cache size on CPU, quiet tokenizers, no telemetry."
-    env = dict(os.environ if base is None else base)
-    if not has_cuda():
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    env.setdefault("DO_NOT_TRACK", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
 
 # %% ../nbs/18_serve.ipynb #b949fba0
 def session_pids(sid: int) -> list[int]:
@@ -361,83 +289,13 @@ class VLLMServer:
         return f"VLLMServer({self.served_name!r} at {self.url}, {'running' if self.alive() else 'stopped'})"
 
 # %% ../nbs/18_serve.ipynb #18f93244
-def _offline_main(args) -> None:
-    "Run `vllm.LLM` on a JSON list of prompts; write `[{text, token_ids}]` to `args.out`."
-    from vllm import LLM, SamplingParams  # vllm only in this subprocess
-
-    spec = json.loads(Path(args.spec).read_text())
-    llm = LLM(
-        model=spec["model_dir"],
-        dtype=spec["dtype"],
-        enforce_eager=True,
-        max_model_len=spec["max_model_len"],
-        seed=spec["seed"],
-    )
-    sp = SamplingParams(**spec["sampling"])
-    prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in spec["prompts"]]
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    Path(args.out).write_text(
-        json.dumps([{"text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids)} for o in outs])
-    )
-
-
-def offline_generate(
-    model_dir: str | Path,
-    prompts: Sequence[str | list[int]],  # strings or token-id lists
-    max_tokens: int = 32,
-    temperature: float = 0.0,
-    dtype: str = "float32",
-    max_model_len: int | None = None,
-    kv_cache_gib: float = 1,
-    seed: int = 0,
-    timeout: float = 900,
-    **sampling,
-) -> list[dict]:
-    "Generate for all `prompts` with vLLM's offline `LLM` engine, in a subprocess; `[{text, token_ids}]`."
-    with tempfile.TemporaryDirectory() as d:
-        spec, out = Path(d) / "spec.json", Path(d) / "out.json"
-        spec.write_text(
-            json.dumps(
-                {
-                    "model_dir": str(Path(model_dir).absolute()),
-                    "prompts": list(prompts),
-                    "dtype": dtype,
-                    "max_model_len": max_model_len,
-                    "seed": seed,
-                    "sampling": {"max_tokens": max_tokens, "temperature": temperature, **sampling},
-                }
-            )
-        )
-        p = subprocess.Popen(
-            [sys.executable, "-m", "microlm.serve", "--offline", "--spec", str(spec), "--out", str(out)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=server_env(kv_cache_gib),
-            start_new_session=True,
-        )
-        try:
-            log = p.communicate(timeout=timeout)[0].decode(errors="replace")
-        finally:
-            stop_process_group(p.pid, grace=10)
-        if p.returncode != 0 or not out.exists():
-            raise RuntimeError(f"offline vLLM failed (exit {p.returncode}):\n" + "\n".join(log.splitlines()[-30:]))
-        return json.loads(out.read_text())
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    "`python -m microlm.serve`: serve a folder until Ctrl-C, or `--offline` batch generation."
+    "`python -m microlm.serve`: serve a folder until Ctrl-C."
     ap = argparse.ArgumentParser(prog="python -m microlm.serve", description=main.__doc__)
-    ap.add_argument("model_dir", nargs="?")
+    ap.add_argument("model_dir")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--lora", action="append", default=[], help="NAME=ADAPTER_DIR")
-    ap.add_argument("--offline", action="store_true")
-    ap.add_argument("--spec")
-    ap.add_argument("--out")
     args = ap.parse_args(argv)
-    if args.offline:
-        return _offline_main(args)
-    if not args.model_dir:
-        ap.error("model_dir is required")
     with VLLMServer(args.model_dir, port=args.port, lora_modules=dict(s.split("=", 1) for s in args.lora)) as srv:
         print(f"serving {srv.models} at {srv.base_url} (Ctrl-C stops)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):

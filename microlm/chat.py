@@ -115,10 +115,16 @@ class ChatSession:
 
     def prompt(self, user: str) -> tuple[list[int], int]:
         "The prompt ids for a new user message (sanitised here) and how many old turns had to be dropped to fit."
-        count, budget = lambda msgs: len(chat_prompt(self.tokenizer, msgs)), self.max_context - self.max_new_tokens
+        rendered = []  # the last list counted is the one kept: its ids are the prompt
+
+        def count(msgs: list[dict]) -> int:
+            rendered[:] = [chat_prompt(self.tokenizer, msgs)]
+            return len(rendered[0])
+
         msgs = self.messages(sanitize(user, self.specials))
-        kept, dropped, _ = fit_messages(msgs, count, budget, remedy="raise max_context or lower max_new_tokens")
-        return chat_prompt(self.tokenizer, kept), dropped
+        budget = self.max_context - self.max_new_tokens
+        _, dropped, _ = fit_messages(msgs, count, budget, remedy="raise max_context or lower max_new_tokens")
+        return rendered[0], dropped
 
     def stream(self, user: str) -> Iterator[str]:
         "Send a user message; yield the reply's text as it is generated, then record the turn."

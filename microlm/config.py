@@ -18,7 +18,7 @@ __all__ = ['VLLM_CPU_HEAD_SIZES', 'HIDDEN_ACTS', 'OPTION', 'OPTIMIZERS', 'SCHEDU
            'TrainConfig', 'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig',
            'RLConfig', 'Preset', 'get_preset', 'stable_hash', 'hashed_fields', 'atomic_write', 'atomic_path',
            'atomic_dir', 'save_figure', 'finish_figure', 'Run', 'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast',
-           'seed_everything', 'machine', 'save_results']
+           'seed_everything', 'load_avg', 'machine', 'save_results']
 
 # %% ../nbs/00_config.ipynb #39b8e4ad
 @dataclass(frozen=True)
@@ -640,6 +640,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 # %% ../nbs/00_config.ipynb #fd568658
+def load_avg() -> list[float]:
+    "The 1, 5 and 15 minute load averages (`uptime`)."
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def machine() -> dict:
     "Where and under what load a measurement runs: date, CPU, cores, torch threads, load averages, versions."
     cpu = (
@@ -652,7 +657,7 @@ def machine() -> dict:
         "cpu": cpu or platform.processor(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "load": [round(x, 2) for x in os.getloadavg()],
+        "load": load_avg(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,

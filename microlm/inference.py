@@ -5,7 +5,7 @@ benchmark."""
 
 # %% ../nbs/13_inference.ipynb #94a5966f
 from __future__ import annotations
-import argparse, collections, os, subprocess, time, types, warnings
+import argparse, collections, subprocess, time, types, warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Run, save_results
+from .config import Run, load_avg, save_results
 from .generate import Decoding, chat_prompt, context_length, default_stop_ids, forward_last, generate, left_pad
 from .generate import model_config, truncate_cache
 from .model import KVCache, MicroLM, ModelOutput, count_params, hf_model, load_model, positions_and_mask, save_model
@@ -32,7 +32,7 @@ __all__ = ['PROJECTIONS', 'WRITTEN_ROWS', 'STEP_TOKENS', 'STEP_SIZES', 'STEP_OPT
            'swiglu', 'FastLM', 'fast_forward', 'decode_layers', 'compiled_step', 'step_size', 'decode_step',
            'fast_model', 'lookup_continuation', 'pad_proposals', 'PromptLookup', 'ngram_table', 'CorpusLookup',
            'DraftModel', 'draft_stage', 'draft_folder', 'load_draft', 'structured_prompts', 'answer_corpus',
-           'corpus_lookup', 'speculative_benchmark', 'memory_bandwidth', 'weight_bytes', 'load_avg', 'time_decode',
+           'corpus_lookup', 'speculative_benchmark', 'memory_bandwidth', 'weight_bytes', 'time_decode',
            'time_transformers', 'roofline_row', 'decode_benchmark', 'vllm_decode', 'inference_benchmark', 'main']
 
 # %% ../nbs/13_inference.ipynb #5a6e9cf0
@@ -594,10 +594,6 @@ def weight_bytes(model) -> int:
     cfg = model_config(model)
     return matmul_params(cfg) * 4  # fp32
 
-
-def load_avg() -> list[float]:
-    "The 1, 5 and 15 minute load averages (`uptime`)."
-    return [round(x, 2) for x in os.getloadavg()]
 
 # %% ../nbs/13_inference.ipynb #1c5c9c6a
 def time_decode(

@@ -4,17 +4,16 @@
 
 # %% ../nbs/18_serve.ipynb #e7a7c01c
 from __future__ import annotations
-import argparse, atexit, contextlib, json, os, signal, socket, subprocess, sys, tempfile, time
+import argparse, atexit, contextlib, json, socket, subprocess, sys, tempfile, time
 import urllib.error, urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from .vllm_offline import server_env
+from .vllm_offline import server_env, stop_process_group
 
 
 # %% auto #0
-__all__ = ['LORA_RANKS', 'COMPACT_JSON_ARGS', 'WATCHDOG', 'free_port', 'lora_rank', 'server_command', 'session_pids',
-           'stop_process_group', 'VLLMServer', 'main']
+__all__ = ['LORA_RANKS', 'COMPACT_JSON_ARGS', 'WATCHDOG', 'free_port', 'lora_rank', 'server_command', 'VLLMServer', 'main']
 
 # %% ../nbs/18_serve.ipynb #11d5e657
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -88,22 +87,6 @@ def server_command(
     return cmd + list(extra_args)
 
 # %% ../nbs/18_serve.ipynb #b949fba0
-def session_pids(sid: int) -> list[int]:
-    "Pids of live (non-zombie) processes whose session id is `sid` (Linux `/proc`)."
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(d.name))
-    return pids
-
-
 WATCHDOG = r"""
 import os, signal, subprocess, sys, time
 parent, child = os.getppid(), subprocess.Popen(sys.argv[1:])
@@ -118,25 +101,6 @@ while child.poll() is None:
 sys.exit(child.returncode)
 """  # runs as the session leader: relays the server's exit code, and stops the session if its parent dies
 
-
-def stop_process_group(pgid: int, grace: float = 20.0) -> dict:
-    "SIGTERM the process group `pgid`, SIGKILL it after `grace` seconds; return what was needed."
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while session_pids(pgid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = session_pids(pgid)
-    if left:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        t = time.monotonic() + 10
-        while session_pids(pgid) and time.monotonic() < t:
-            time.sleep(0.1)
-    return {"killed": len(left), "survivors": session_pids(pgid)}
 
 # %% ../nbs/18_serve.ipynb #2edc999b
 class VLLMServer:

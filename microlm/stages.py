@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import Preset, Run, atomic_write, hashed_fields, machine, stable_hash
+from .config import Preset, Run, atomic_write, hashed_fields, load_avg, machine, stable_hash
 
 # %% auto #0
 __all__ = ['CODE_VERSIONS', 'STAGES', 'Stage', 'get_stage', 'plan', 'sha256_file', 'scan', 'digest', 'diff', 'marker_path',
@@ -386,7 +386,7 @@ def execute(
                 finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                 seconds=round(time.time() - t0, 2),
                 machine=running["machine"],
-                load_end=[round(x, 2) for x in os.getloadavg()],
+                load_end=load_avg(),
                 summary=summary,
             ),
         )

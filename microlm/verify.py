@@ -16,11 +16,10 @@ import torch
 from matplotlib.figure import Figure
 from transformers import AutoTokenizer, GenerationConfig
 
-from .config import Run, ServeConfig, atomic_write, save_figure
+from .config import Run, ServeConfig, atomic_write, load_avg, save_figure
 from .evaluate import best_own, eval_examples
 from .export import OWN_MODELS, gguf_path, hf_greedy, load_hf, load_own
-from .inference import (corpus_lookup, decode_benchmark, draft_folder, load_avg, speculative_benchmark,
-                               structured_prompts)
+from .inference import corpus_lookup, decode_benchmark, draft_folder, speculative_benchmark, structured_prompts
 from .inference import roofline_row, weight_bytes
 from .generate import chat_prompt, default_stop_ids, generate
 from .model import MicroLM, load_model

@@ -5,12 +5,13 @@ the environment it needs, batch generation and batch-1 timing with its own specu
 
 # %% ../nbs/12a_vllm_offline.ipynb #4ff25d32
 from __future__ import annotations
-import contextlib, json, os, random, signal, subprocess, sys, tempfile
+import contextlib, json, os, random, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 from typing import Sequence
 
 # %% auto #0
-__all__ = ['VLLM_OFFLINE', 'make_tiny_hf_model', 'has_cuda', 'server_env', 'offline_generate']
+__all__ = ['VLLM_OFFLINE', 'make_tiny_hf_model', 'has_cuda', 'server_env', 'session_pids', 'stop_process_group',
+           'offline_generate']
 
 # %% ../nbs/12a_vllm_offline.ipynb #c97471c0
 def _tiny_tokenizer(vocab_size: int, seed: int):
@@ -87,6 +88,42 @@ def server_env(kv_cache_gib: float = 1, base: dict | None = None) -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 
+# %% ../nbs/12a_vllm_offline.ipynb #2976b807
+def session_pids(sid: int) -> list[int]:
+    "Pids of live (non-zombie) processes whose session id is `sid` (Linux `/proc`)."
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def stop_process_group(pgid: int, grace: float = 20.0) -> dict:
+    "SIGTERM the process group `pgid`, SIGKILL it after `grace` seconds; return what was needed."
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while session_pids(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = session_pids(pgid)
+    if left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        t = time.monotonic() + 10
+        while session_pids(pgid) and time.monotonic() < t:
+            time.sleep(0.1)
+    return {"killed": len(left), "survivors": session_pids(pgid)}
+
 # %% ../nbs/12a_vllm_offline.ipynb #50d44f24
 VLLM_OFFLINE = r"""
 import json, sys, time
@@ -156,8 +193,7 @@ def offline_generate(
         try:
             log = p.communicate(timeout=timeout)[0].decode(errors="replace")
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+            stop_process_group(p.pid, grace=10)
             p.wait()
         if p.returncode != 0 or not out.exists():
             raise RuntimeError(f"offline vLLM failed (exit {p.returncode}):\n" + "\n".join(log.splitlines()[-30:]))

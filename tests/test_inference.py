@@ -15,7 +15,8 @@ from microlm.inference import (STEP_OPTIONS, CorpusLookup, DraftModel, FastLM, P
                                corpus_lookup, draft_folder, draft_stage, linear, load_draft, lookup_continuation,
                                fast_model, ngram_table, speculative_benchmark, structured_prompts, time_decode)
 from microlm.model import MicroLM, load_model
-from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, session_pids
+from microlm.serve import COMPACT_JSON_ARGS, VLLMServer
+from microlm.vllm_offline import session_pids
 from microlm.stages import ensure
 from microlm.tasks import SCHEMAS, schema_errors, split_tasks
 from microlm.tokenizer import load_tokenizer, to_hf, train_bpe

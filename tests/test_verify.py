@@ -4,8 +4,8 @@ import json
 import pytest
 
 from microlm.config import Run
-from microlm.serve import COMPACT_JSON_ARGS, VLLMServer, session_pids
-from microlm.vllm_offline import make_tiny_hf_model
+from microlm.serve import COMPACT_JSON_ARGS, VLLMServer
+from microlm.vllm_offline import make_tiny_hf_model, session_pids
 from microlm.tasks import SCHEMAS, schema_valid
 from microlm.verify import (SMOKE_SCHEMA, _cut, _worst_len, _bounded, benchmark, bounded_schema, default_tasks, hf_reference,
                             longest_answer, parity_check, post_raw, random_prompts, smoke_checks, stability,

@@ -1,12 +1,12 @@
 "microlm.vllm_offline: the environment of a vLLM process, and vLLM's offline engine in a session of its own."
-import subprocess, threading
+import subprocess, sys, threading, time
 from pathlib import Path
 
 import pytest
 
 from microlm.inference import vllm_decode
-from microlm.serve import session_pids
-from microlm.vllm_offline import VLLM_OFFLINE, has_cuda, make_tiny_hf_model, offline_generate, server_env
+from microlm.vllm_offline import (VLLM_OFFLINE, has_cuda, make_tiny_hf_model, offline_generate, server_env, session_pids,
+                                  stop_process_group)
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,16 @@ def test_server_env():
     assert env["PATH"] == "/bin" and env["TOKENIZERS_PARALLELISM"] == "false" and env["HF_HUB_OFFLINE"] == "1"
     assert env.get("VLLM_CPU_KVCACHE_SPACE") == (None if has_cuda() else "3")
     assert server_env(3, base={"HF_HUB_OFFLINE": "0"})["HF_HUB_OFFLINE"] == "0"  # the caller's setting wins
+
+
+def test_stop_process_group_kills_the_tree():
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)']); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    time.sleep(1.0)
+    assert len(session_pids(p.pid)) == 2
+    res = stop_process_group(p.pid, grace=2)  # the grandchild ignores SIGTERM: needs SIGKILL
+    p.wait()
+    assert res["killed"] == 1 and res["survivors"] == [] and session_pids(p.pid) == []
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from microlm.serve import session_pids
+from microlm.vllm_offline import session_pids
 from microlm.tasks import SCHEMAS, schema_errors
 
 ROOT = Path(__file__).resolve().parents[1]

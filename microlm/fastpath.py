@@ -8,10 +8,9 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import MicroLM, RMSNorm, apply_rope, rms_norm
+from .model import MicroLM, RMSNorm, apply_rope
 
 # %% auto #0
 __all__ = ['FastRMSNorm', 'fast_rope', 'compute_dtype', 'linear_cross_entropy', 'FastMicroLM', 'fwd_bwd_ms']

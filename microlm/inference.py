@@ -17,7 +17,7 @@ from torch import nn
 from .config import Run, load_avg, save_results
 from .generate import Decoding, chat_prompt, context_length, default_stop_ids, forward_last, generate, left_pad
 from .generate import model_config, truncate_cache
-from .model import KVCache, MicroLM, ModelOutput, count_params, hf_model, load_model, positions_and_mask, save_model
+from .model import KVCache, MicroLM, ModelOutput, hf_model, load_model, positions_and_mask, save_model
 from .dpo import sft_tasks
 from .sft import encode_chat, finetune, finetune_setup
 from .stages import ensure, stage_body

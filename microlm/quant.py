@@ -4,7 +4,7 @@
 
 # %% ../nbs/17a_quant.ipynb #72677645
 from __future__ import annotations
-import json, time
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from .config import Run, atomic_write, save_figure
 from .evaluate import Backend, eval_examples, evaluate_structured, lm_metrics
-from .export import GGUF_EXPORT, gguf_context, gguf_path, llama_chat, load_gguf, load_own, LlamaCppLM
+from .export import GGUF_EXPORT, gguf_context, gguf_path, llama_chat, load_gguf, LlamaCppLM
 from .stages import stage_body
 from .tasks import METRICS
 from .tokenizer import load_tokens

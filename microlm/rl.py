@@ -15,7 +15,6 @@ from microlm.dpo import (
     answer_f1,
     cached,
     finish_tuning,
-    plot_metrics,
     sample_answers,
     score_model,
     sft_tasks,
@@ -30,8 +29,6 @@ from .model import load_model
 from .sft import collate, finetune, next_token_xy
 from .stages import get_stage, stage_body
 from .tasks import aggregate, score_answer
-from .tokenizer import load_tokenizer
-from .train import read_log
 
 # %% auto #0
 __all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'rl_start', 'rl_stage',

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import BASE, SMALL, SMOKE, ModelConfig, Preset, Run, TrainConfig, atomic_write, get_preset, machine
-from .config import save_results, seed_everything
+from .config import BASE, SMALL, SMOKE, ModelConfig, Preset, Run, TrainConfig, atomic_write, machine
+from .config import seed_everything
 from .fastpath import FastMicroLM
 from .model import hf_model
 from .stages import ensure

@@ -1,4 +1,5 @@
-"""The package's shape (STYLE.md): lines of at most 120 characters, one statement per line, imports at the top.
+"""The package's shape (STYLE.md): lines of at most 120 characters, one statement per line, imports at the top, and
+only imports that the module uses.
 
 A function-local import is allowed only with a comment saying why (an optional heavy dependency, a subprocess
 boundary), on its line or the line above. nbdev's generated `__all__` lines are exempt.
@@ -36,3 +37,20 @@ def test_module_shape(path):
                     if "#" not in here and not above.strip().startswith("#"):
                         local.append(f"{path.name}:{node.lineno}: function-local import without a reason")
     assert not (long or joined or local), "\n".join(long + joined + local)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[p.stem for p in MODULES])
+def test_module_imports_are_used(path):
+    "A module imports at its top only what it uses: what only a notebook's own cells need goes in a hidden cell."
+    tree = ast.parse(path.read_text())
+    imported = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", None) != "__future__":
+            for a in node.names:
+                imported[(a.asname or a.name).split(".")[0]] = node.lineno
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    exported = {e.value for n in tree.body if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "__all__"
+                for t in n.targets) for e in n.value.elts}
+    unused = [f"{path.name}:{line}: {name} imported but unused" for name, line in imported.items()
+              if name not in used | exported]
+    assert not unused, "\n".join(unused)

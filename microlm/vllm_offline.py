@@ -165,6 +165,10 @@ def offline_generate(
 ) -> dict:
     "vLLM's offline engine on `prompts`, in a process of its own: `{outputs: [{text, token_ids}], seconds, metrics}`."
     n = max_model_len or json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
+    full = [i for i, p in enumerate(prompts) if isinstance(p, list) and len(p) >= n]
+    if full:
+        i = full[0]
+        raise ValueError(f"prompt {i} has {len(prompts[i])} tokens: no room for an answer in the context of {n}")
     with tempfile.TemporaryDirectory() as d:
         spec, out = Path(d) / "spec.json", Path(d) / "out.json"
         spec.write_text(

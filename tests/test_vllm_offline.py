@@ -31,6 +31,11 @@ def test_stop_process_group_kills_the_tree():
     assert res["killed"] == 1 and res["survivors"] == [] and session_pids(p.pid) == []
 
 
+def test_a_prompt_that_fills_the_context_is_refused_before_vllm_starts(tiny):
+    with pytest.raises(ValueError, match="prompt 1 has 256 tokens: no room for an answer in the context of 256"):
+        offline_generate(tiny["model"], [[5, 6], list(range(5, 261))])
+
+
 @pytest.mark.slow
 def test_offline_generate_matches_transformers(tiny):
     import torch  # here: only this test needs transformers' model

@@ -23,7 +23,10 @@ def test_notebook(nb, tmp_path):
             "print(f'{t:.1f}s'); sys.exit(0 if ok else 1)")
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "nbs", capture_output=True, text=True, env=env)
-    assert r.returncode == 0, f"{nb.name} failed:\n{r.stderr[-6000:]}\n{r.stdout[-2000:]}"
+    # nbdev's report of the failing cell, which later noise on stderr (warnings at exit) must not push out of view
+    report = re.search(r"^\w+ in \S+\.ipynb:\n.*?(?=\n\n\n|\Z)", r.stderr, re.S | re.M)
+    where = report.group(0)[-4000:] if report else ""
+    assert r.returncode == 0, f"{nb.name} failed:\n{where}\n...\n{r.stderr[-3000:]}\n{r.stdout[-2000:]}"
 
 
 PROGRESS = re.compile(r"(it/s|s/it)\]|\|\s*\d+/\d+ \[")

@@ -12,17 +12,17 @@ import numpy as np
 import torch
 
 from .config import BASE, SMALL, SMOKE, ModelConfig, Preset, Run, TrainConfig, atomic_write, machine
-from .config import seed_everything
+from .config import amp_dtype, cpu_has_bf16, seed_everything
 from .fastpath import FastMicroLM
 from .model import hf_model
 from .stages import ensure
-from .train import TokenWindows, make_optimizer, pretrain_stage, read_log, train_step
+from .train import Muon, TokenWindows, make_optimizer, muon_split, pretrain_stage, read_log, train_step
 
 # %% auto #0
 __all__ = ['SEEDS', 'matmul_params', 'train_flops_per_token', 'matmul_peak', 'random_windows', 'step_speeds', 'ours_and_hf',
-           'train_throughput', 'first_step_seconds', 'compiled_throughput', 'optimizer_costs', 'step_profile',
-           'apply_overrides', 'trial_run', 'speedrun_trial', 'read_record', 'add_row', 'record_table', 'speedrun',
-           'main']
+           'train_throughput', 'first_step_seconds', 'compiled_throughput', 'optimizer_costs', 'step_costs',
+           'muon_dtype_costs', 'step_profile', 'apply_overrides', 'trial_run', 'speedrun_trial', 'read_record',
+           'add_row', 'record_table', 'speedrun', 'main']
 
 # %% ../nbs/06a_speedrun.ipynb #f17c6adc
 def matmul_params(mcfg: ModelConfig) -> int:
@@ -133,12 +133,17 @@ def optimizer_costs(threads: int = 2, steps: int = 10) -> dict:
         seed_everything(0)
         m = FastMicroLM(SMALL.model)
         runs[name] = (m, make_optimizer(m, TrainConfig(dtype="bf16", optimizer=name)))
+    return {"rows": step_costs(runs, src, steps, torch.bfloat16)}
+
+
+def step_costs(runs: dict, src, steps: int, dtype: torch.dtype | None) -> list[dict]:
+    "Median milliseconds of each run's training step (runs alternating, after a warm-up) and optimizer step alone."
     step_ms = {k: [] for k in runs}
     for i in range(steps + 1):
         xy = src()
         for k, (m, opt) in runs.items():
             t = time.perf_counter()
-            train_step(m, opt, [xy], 1.0, torch.device("cpu"), torch.bfloat16)
+            train_step(m, opt, [xy], 1.0, torch.device("cpu"), dtype)
             if i:
                 step_ms[k].append(1e3 * (time.perf_counter() - t))
     opt_ms = {}
@@ -151,12 +156,29 @@ def optimizer_costs(threads: int = 2, steps: int = 10) -> dict:
             opt.step()
             ts.append(1e3 * (time.perf_counter() - t))
         opt_ms[k] = float(np.median(ts))
-    return {
-        "rows": [
-            {"optimizer": k, "step_ms": round(float(np.median(step_ms[k])), 1), "optimizer_ms": round(opt_ms[k], 1)}
-            for k in runs
-        ]
-    }
+    return [
+        {"optimizer": k, "step_ms": round(float(np.median(step_ms[k])), 1), "optimizer_ms": round(opt_ms[k], 1)}
+        for k in runs
+    ]
+
+# %% ../nbs/06a_speedrun.ipynb #60dcb0a3
+def muon_dtype_costs(threads: int = 2, steps: int = 5) -> dict:
+    "Milliseconds per `small` pretraining step and per optimizer step: torch.optim.Muon against 06_train's `Muon`."
+    torch.set_num_threads(threads)
+    cfg = SMALL.pretrain
+    dtype = amp_dtype("cpu", cfg.dtype)
+    src = random_windows(SMALL.model.vocab_size, cfg.batch_size, cfg.seq_len)
+    runs = {}
+    for name, cls in (("torch.optim.Muon", torch.optim.Muon), ("06_train's Muon", Muon)):
+        seed_everything(0)
+        m = FastMicroLM(SMALL.model)
+        opt = make_optimizer(m, cfg)  # Muon on the hidden matrices, AdamW on the rest; Muon swapped for `cls`
+        opt.opts = (cls(muon_split(m)[0], lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
+                    *opt.opts[1:])
+        runs[name] = (m, opt)
+    ns = {"torch.optim.Muon": "bf16", "06_train's Muon": "bf16" if amp_dtype("cpu") else "fp32"}
+    rows = [dict(r, iterations=ns[r["optimizer"]]) for r in step_costs(runs, src, steps, dtype)]
+    return {"native_bf16": cpu_has_bf16(), "autocast": str(dtype), "threads": threads, "rows": rows}
 
 # %% ../nbs/06a_speedrun.ipynb #48113197
 def step_profile(threads: int = 2, steps: int = 3, top: int = 15) -> dict:

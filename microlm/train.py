@@ -38,11 +38,12 @@ from .stages import stage_body, stage_key
 from .tokenizer import load_tokens
 
 # %% auto #0
-__all__ = ['lr_at', 'ramp_at', 'momentum_at', 'param_groups', 'muon_split', 'Optimizers', 'make_optimizer', 'TokenWindows',
-           'eval_windows', 'next_token_loss', 'evaluate', 'bits_per_byte', 'CheckpointError', 'CheckpointMismatch',
-           'list_checkpoints', 'rng_states', 'set_rng_states', 'checkpoint_weights', 'save_checkpoint',
-           'read_checkpoint', 'latest_checkpoint', 'read_log', 'plot_log', 'dist_env', 'init_distributed', 'train_step',
-           'fit_steps', 'train', 'token_meta', 'split_bytes_per_token', 'pretrain_model', 'pretrain_stage', 'main']
+__all__ = ['lr_at', 'ramp_at', 'momentum_at', 'newton_schulz', 'Muon', 'param_groups', 'muon_split', 'Optimizers',
+           'make_optimizer', 'TokenWindows', 'eval_windows', 'next_token_loss', 'evaluate', 'bits_per_byte',
+           'CheckpointError', 'CheckpointMismatch', 'list_checkpoints', 'rng_states', 'set_rng_states',
+           'checkpoint_weights', 'save_checkpoint', 'read_checkpoint', 'latest_checkpoint', 'read_log', 'plot_log',
+           'dist_env', 'init_distributed', 'train_step', 'fit_steps', 'train', 'token_meta', 'split_bytes_per_token',
+           'pretrain_model', 'pretrain_stage', 'main']
 
 # %% ../nbs/06_train.ipynb #c9ccf76f
 def lr_at(
@@ -77,6 +78,47 @@ def momentum_at(step: int, cfg: TrainConfig) -> float:
     if step >= cfg.momentum_warmup:
         return cfg.muon_momentum
     return 0.85 + (cfg.muon_momentum - 0.85) * step / cfg.momentum_warmup
+
+# %% ../nbs/06_train.ipynb #aae4553f
+def newton_schulz(g: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    "torch.optim.Muon's quintic Newton–Schulz orthogonalisation of the matrix `g`, computed in `dtype`."
+    a, b, c = coefficients
+    x = g.to(dtype)
+    if g.size(0) > g.size(1):
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if g.size(0) > g.size(1) else x
+
+
+class Muon(torch.optim.Muon):
+    "torch's Muon, Newton–Schulz iterations in `ns_dtype` (None: bf16 where the device has it natively, else fp32)"
+
+    def __init__(self, params, ns_dtype: torch.dtype | None = None, **kw):
+        if ns_dtype not in (None, torch.bfloat16, torch.float32):
+            raise ValueError(f"Muon: ns_dtype must be None, torch.bfloat16 or torch.float32, got {ns_dtype}")
+        super().__init__(params, **kw)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(g, params, grads, bufs)  # torch's: the momentum buffers, and its checks
+            for p, grad, buf in zip(params, grads, bufs):
+                buf.lerp_(grad, 1 - g["momentum"])
+                u = grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
+                dtype = self.ns_dtype or amp_dtype(p.device) or torch.float32
+                u = newton_schulz(u, g["ns_coefficients"], g["ns_steps"], g["eps"], dtype)
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+                p.add_(u, alpha=-torch.optim._muon._adjust_lr(g["lr"], g["adjust_lr_fn"], p.shape))
+        return loss
 
 # %% ../nbs/06_train.ipynb #e76b408c
 def _decay_groups(ps: list, weight_decay: float) -> list[dict]:
@@ -150,7 +192,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer 
     if cfg.optimizer == "muon":
         hidden, rest = muon_split(model)
         if hidden:  # 'match_rms_adamw': updates scaled to AdamW's size, so AdamW's lr and weight decay carry over
-            muon = torch.optim.Muon(
+            muon = Muon(
                 hidden,
                 lr=cfg.lr,
                 weight_decay=cfg.weight_decay,

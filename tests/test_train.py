@@ -1,17 +1,18 @@
 "Invariants of the training loop: schedule, weight-decay groups, exact resume after SIGKILL, checkpoint errors, DDP, logs."
-import json, math, os, shutil, signal, subprocess, sys, textwrap
+import copy, json, math, os, shutil, signal, subprocess, sys, textwrap
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
 
-from microlm.config import SMOKE, DataConfig, ModelConfig, Run, TrainConfig, stable_hash
+from microlm.config import SMOKE, DataConfig, ModelConfig, Run, TrainConfig, amp_dtype, stable_hash
 from microlm.model import MicroLM, load_model
 from microlm.train import (CheckpointError, CheckpointMismatch, TokenWindows, eval_windows, latest_checkpoint, list_checkpoints,
-                           Optimizers, fit_steps, lr_at, make_optimizer, next_token_loss, ramp_at, muon_split, param_groups, pretrain_stage, read_checkpoint, read_log, train)
+                           Muon, Optimizers, fit_steps, lr_at, make_optimizer, next_token_loss, ramp_at, muon_split, param_groups, pretrain_stage, read_checkpoint, read_log, train)
 from microlm.stages import is_current, stage_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,11 +79,38 @@ def test_muon_takes_hidden_matrices_only():
     untied = MicroLM(replace(TINY, tie_word_embeddings=False))
     assert any(p is untied.lm_head.weight for p in muon_split(untied)[1])          # an untied head stays with AdamW too
     opt = make_optimizer(m, MUON)
-    assert isinstance(opt, Optimizers) and [type(o) for o in opt.opts] == [torch.optim.Muon, torch.optim.AdamW]
+    assert isinstance(opt, Optimizers) and [type(o) for o in opt.opts] == [Muon, torch.optim.AdamW]
     assert len(opt.param_groups) == 3 and all(g["lr"] == MUON.lr for g in opt.param_groups)
     adamw_state = make_optimizer(MicroLM(TINY), CFG).state_dict()
     with pytest.raises(ValueError, match="Muon"): opt.load_state_dict(adamw_state)  # a clear error, not a KeyError
     with pytest.raises(ValueError, match="optimizer"): TrainConfig(optimizer="adam")
+
+
+def test_muon_is_torchs_muon_with_its_iterations_in_a_chosen_dtype():
+    "bf16 iterations: torch.optim.Muon bit for bit (nesterov or not, its state loads into either); fp32: close to it."
+    def steps(cls, n=3, state=None, **kw):
+        torch.manual_seed(0)
+        ws = [nn.Parameter(torch.randn(48, 32)), nn.Parameter(torch.randn(32, 80))]
+        opt = cls(ws, lr=0.02, weight_decay=0.1, **kw)
+        if state is not None:
+            opt.load_state_dict(copy.deepcopy(state))  # loading keeps the buffers' tensors: a step would change them
+        g = torch.Generator().manual_seed(1)
+        for _ in range(n):
+            for w in ws:
+                w.grad = torch.randn(w.shape, generator=g)
+            opt.step()
+        return torch.cat([w.detach().flatten() for w in ws]), opt.state_dict()
+    bf16 = lambda ps, **kw: Muon(ps, ns_dtype=torch.bfloat16, **kw)
+    for kw in ({}, {"nesterov": False}, {"adjust_lr_fn": "match_rms_adamw"}):
+        assert torch.equal(steps(torch.optim.Muon, **kw)[0], steps(bf16, **kw)[0]), kw
+    state = steps(torch.optim.Muon, n=2)[1]
+    assert torch.equal(steps(torch.optim.Muon, n=1, state=state)[0], steps(bf16, n=1, state=state)[0])
+    theirs, ours = steps(torch.optim.Muon)[0], steps(lambda ps, **kw: Muon(ps, ns_dtype=torch.float32, **kw))[0]
+    assert 0 < (ours - theirs).abs().max() < 1e-2
+    auto = steps(Muon)[0]  # None: bf16 where amp_dtype picks bf16 autocast, else fp32
+    assert torch.equal(auto, theirs if amp_dtype("cpu") else ours)
+    with pytest.raises(ValueError, match="ns_dtype"):
+        Muon([nn.Parameter(torch.zeros(2, 2))], ns_dtype=torch.float16)
 
 
 def test_muon_learns(trained, trained_muon):

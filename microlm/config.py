@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #8f70aac7
 from __future__ import annotations
-import contextlib, hashlib, json, os, platform, random, shutil, tempfile, time
+import contextlib, functools, hashlib, json, os, platform, random, shutil, tempfile, time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -604,6 +604,7 @@ def pick_device(pref: str = "auto") -> torch.device:
     return torch.device(pref)
 
 
+@functools.cache  # the CPU does not change; `amp_dtype` asks on every Muon step, once per matrix
 def cpu_has_bf16() -> bool:
     "Whether this CPU has native bf16 matmuls (AVX-512 BF16 or AMX)."
     try:

@@ -316,10 +316,15 @@ class RLConfig:
     eval_prompts: int = 48  # held-out (valid-play) prompts scored during and after training
     # weight of partial credit in the reward's F1 term (11_dpo's `partial_f1`: a field's string similarity to the gold)
     partial_credit: float = field(default=0.0, metadata=OPTION)
+    # 0: RL samples the SFT stage's own train prompts; n: n new tasks from each training play, drawn with a seed of
+    # RL's own, none of whose prompts SFT trained on (12_rl's `fresh_tasks`)
+    fresh_tasks_per_play: int = field(default=0, metadata=OPTION)
 
     def __post_init__(self):
         if not 0 <= self.partial_credit <= 1:
             raise ValueError(f"RLConfig: partial_credit must be in [0, 1], got {self.partial_credit}")
+        if self.fresh_tasks_per_play < 0:
+            raise ValueError(f"RLConfig: fresh_tasks_per_play must be >= 0, got {self.fresh_tasks_per_play}")
         if self.group_size < 2 or self.updates < 1 or self.clip_eps <= 0 or self.kl_coef < 0:
             raise ValueError(f"RLConfig: group_size >= 2, updates >= 1, clip_eps > 0, kl_coef >= 0 needed, got {self}")
 

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .config import RLConfig, Run, amp_dtype, autocast
+from .data import read_docs
 from microlm.dpo import (
     Targets,
     answer_f1,
@@ -26,13 +27,13 @@ from microlm.dpo import (
 )
 from .generate import end_of_turn_id, model_device
 from .model import load_model
-from .sft import collate, finetune, next_token_xy
+from .sft import collate, encode_chat, finetune, next_token_xy
 from .stages import get_stage, stage_body
-from .tasks import aggregate, score_answer
+from .tasks import aggregate, play_tasks, score_answer
 
 # %% auto #0
-__all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'rl_start', 'rl_stage',
-           'answer_scores', 'best_of_n']
+__all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'fresh_tasks', 'rl_start',
+           'rl_stage', 'answer_scores', 'best_of_n']
 
 # %% ../nbs/12_rl.ipynb #4084f47a
 def check_reward(value, where: str = "reward") -> float:
@@ -176,6 +177,22 @@ def grpo_loss_fn(cfg: RLConfig, stats: dict) -> Callable:
 
     return loss_fn
 
+# %% ../nbs/12_rl.ipynb #5f583752
+def fresh_tasks(run: Run, tok, per_play: int, seq_len: int) -> list[dict]:
+    "`per_play` tasks from each training play, drawn with RL's own seed; prompts SFT trained on are left out."
+    cfg, seen = run.preset.sft_data, {e["messages"][0]["content"] for e in sft_tasks(run, "train", math.inf)}
+    fits = lambda msgs: len(encode_chat(tok, msgs)["input_ids"]) <= seq_len
+    out = []
+    for d in read_docs(run, "train"):
+        seed = f"{run.preset.seed}:rl"
+        ex, _ = play_tasks(d["name"], d["text"], per_play, seed, fits, cfg.max_passage_chars, cfg.rename_speakers)
+        for e in ex:
+            if e["messages"][0]["content"] not in seen:
+                out.append(dict(e, id=f"rl-{e['id']}", n_tokens=len(encode_chat(tok, e["messages"])["input_ids"])))
+    if not out:
+        raise ValueError(f"rl.fresh_tasks_per_play={per_play}: no new task fits rl_train.seq_len={seq_len}")
+    return out
+
 # %% ../nbs/12_rl.ipynb #2525874a
 RL_PANELS = {
     "reward (train samples)": ["reward", "reward_max"],
@@ -203,7 +220,8 @@ def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool =
     ref = load_model(run / start).eval().requires_grad_(False)  # the KL penalty's anchor
     first = cached(out / "start.json", key, lambda: dict(start=score_model(model, tok, heldout, cfg.max_new_tokens)))
     reward = lambda text, e: task_reward(text, e, cfg.exact_bonus, cfg.partial_credit)
-    examples = sft_tasks(run, "train", tcfg.seq_len)
+    fresh = cfg.fresh_tasks_per_play
+    examples = fresh_tasks(run, tok, fresh, tcfg.seq_len) if fresh else sft_tasks(run, "train", tcfg.seq_len)
     rollouts = Rollouts(
         model,
         ref,
@@ -231,6 +249,7 @@ def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool =
         start=start,
         steps=s["steps"],
         heldout_prompts=len(heldout),
+        train_prompts=len(examples),
         heldout_start={k: round(first["start"][k], 4) for k in ("f1", "exact", "parse")},
         heldout={k: ev[-1][f"heldout_{k}"] for k in ("f1", "exact", "parse")},
         heldout_best_f1=max(r["heldout_f1"] for r in ev),

@@ -243,3 +243,25 @@ def test_rl_exact_resume_after_sigkill(smoke_run, tmp_path):
     assert [r["step"] for r in la if "heldout_f1" in r] == [0, 3, 6]
     assert (b / "rl" / "rl.png").stat().st_size > 1000
     assert json.loads((b / ".stages" / "rl.json").read_text())["summary"]["steps"] == 6
+
+
+def test_rl_on_fresh_prompts(smoke_run, tmp_path):
+    "rl.fresh_tasks_per_play: RL trains on new train-play tasks, none of them a prompt SFT trained on."
+    from microlm.dpo import sft_tasks
+    from microlm.rl import fresh_tasks
+    from microlm.speedrun import apply_overrides
+    from microlm.tokenizer import load_tokenizer
+    with pytest.raises(ValueError, match="fresh_tasks_per_play must be >= 0"):
+        RLConfig(fresh_tasks_per_play=-1)
+    run = Run(_copy_run(smoke_run, tmp_path / "run"), apply_overrides(SMOKE, {"rl": {"fresh_tasks_per_play": 3}}))
+    run.save_config()
+    tok, L = load_tokenizer(run / "tokenizer"), SMOKE.rl_train.seq_len
+    fresh, sft = fresh_tasks(run, tok, 3, L), sft_tasks(run, "train", math.inf)
+    assert fresh and not {e["messages"][0]["content"] for e in fresh} & {e["messages"][0]["content"] for e in sft}
+    assert all(e["id"].startswith("rl-") and e["n_tokens"] <= L for e in fresh)
+    assert {e["kind"] for e in fresh} == {e["kind"] for e in sft}
+    assert fresh_tasks(run, tok, 3, L) == fresh                                     # the same tasks on every call
+    summary = rl_stage(run, progress=False, log=lambda line: None)
+    assert summary["train_prompts"] == len(fresh) != len(sft_tasks(run, "train", L)) and summary["steps"] == 6
+    with pytest.raises(ValueError, match="no new task fits rl_train.seq_len=4"):
+        fresh_tasks(run, tok, 3, 4)

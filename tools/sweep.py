@@ -3,6 +3,8 @@
     .venv/bin/python tools/sweep.py sft runs/small      # -> nbs/results/sft_sweep.json (09_sft; ~10 min a setting)
     .venv/bin/python tools/sweep.py dpo runs/small      # -> nbs/results/dpo_sweep.json (11_dpo; ~3 min a setting)
     .venv/bin/python tools/sweep.py rl runs/small       # -> nbs/results/rl_sweep.json (12_rl; ~5 min a setting)
+    .venv/bin/python tools/sweep.py rl_prompts runs/small # -> nbs/results/rl_prompts_sweep.json (12_rl: RL on new
+                                                          #    train-play tasks; ~5 min a setting)
     .venv/bin/python tools/sweep.py names runs/small    # -> nbs/results/names_sweep.json (09_sft: SFT with and
                                                         #    without 08_tasks' invented speaker names; ~10 min a setting)
     .venv/bin/python tools/sweep.py headroom runs/small # -> nbs/results/rl_headroom.json (12_rl: what sampling can
@@ -52,6 +54,11 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "30 steps, groups of 16, 4 prompts": {"rl": {"group_size": 16}, "rl_train": {"batch_size": 4}},
         "30 steps, every group (no drop_flat)": {"rl": {"drop_flat": False}},
     },
+    "rl_prompts": {  # RL on SFT's own train prompts, or on new tasks from the training plays (12_rl's `fresh_tasks`)
+        "30 steps, SFT's prompts (preset)": {},
+        "30 steps, 10 new tasks per play": {"rl": {"fresh_tasks_per_play": 10}},
+        "60 steps, 20 new tasks per play": {"rl": {"fresh_tasks_per_play": 20}, "rl_train": {"max_steps": 60}},
+    },
     "dpo": {
         "40 steps, beta 0.3 (preset)": {},
         "beta 0.1 (the DPO paper's)": {"dpo": {"beta": 0.1}},
@@ -66,7 +73,7 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "every example renamed": {"sft_data": {"rename_speakers": 1.0}},
     },
 }
-STAGE = {"names": "sft"}  # the stage a sweep trains, where it is not the sweep's own name
+STAGE = {"names": "sft", "rl_prompts": "rl"}  # the stage a sweep trains, where it is not the sweep's own name
 CURVE = {"sft": "val_loss", "dpo": "heldout_f1", "rl": "heldout_f1"}  # the log record each row's curve follows
 SUMMARY = {"sft": ("val_loss",), "dpo": ("pairs", "loss", "sample_reward"),
            "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary

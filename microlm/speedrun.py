@@ -133,7 +133,8 @@ def optimizer_costs(threads: int = 2, steps: int = 10) -> dict:
         seed_everything(0)
         m = FastMicroLM(SMALL.model)
         runs[name] = (m, make_optimizer(m, TrainConfig(dtype="bf16", optimizer=name)))
-    return {"rows": step_costs(runs, src, steps, torch.bfloat16)}
+    rows = step_costs(runs, src, steps, torch.bfloat16)
+    return {"native_bf16": cpu_has_bf16(), "autocast": str(torch.bfloat16), "threads": threads, "rows": rows}
 
 
 def step_costs(runs: dict, src, steps: int, dtype: torch.dtype | None) -> list[dict]:

@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 
 from .config import RLConfig, Run, amp_dtype, autocast
-from .data import read_docs
 from microlm.dpo import (
     Targets,
     answer_f1,
@@ -29,7 +28,7 @@ from .generate import end_of_turn_id, model_device
 from .model import load_model
 from .sft import collate, encode_chat, finetune, next_token_xy
 from .stages import get_stage, stage_body
-from .tasks import aggregate, play_tasks, score_answer
+from .tasks import aggregate, score_answer, split_tasks
 
 # %% auto #0
 __all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'fresh_tasks', 'rl_start',
@@ -180,15 +179,14 @@ def grpo_loss_fn(cfg: RLConfig, stats: dict) -> Callable:
 # %% ../nbs/12_rl.ipynb #5f583752
 def fresh_tasks(run: Run, tok, per_play: int, seq_len: int) -> list[dict]:
     "`per_play` tasks from each training play, drawn with RL's own seed; prompts SFT trained on are left out."
-    cfg, seen = run.preset.sft_data, {e["messages"][0]["content"] for e in sft_tasks(run, "train", math.inf)}
+    seen = {e["messages"][0]["content"] for e in sft_tasks(run, "train", math.inf)}
     fits = lambda msgs: len(encode_chat(tok, msgs)["input_ids"]) <= seq_len
-    out = []
-    for d in read_docs(run, "train"):
-        seed = f"{run.preset.seed}:rl"
-        ex, _ = play_tasks(d["name"], d["text"], per_play, seed, fits, cfg.max_passage_chars, cfg.rename_speakers)
-        for e in ex:
-            if e["messages"][0]["content"] not in seen:
-                out.append(dict(e, id=f"rl-{e['id']}", n_tokens=len(encode_chat(tok, e["messages"])["input_ids"])))
+    drawn, _ = split_tasks(run, "train", fits, per_play, f"{run.preset.seed}:rl")
+    out = [
+        dict(e, id=f"rl-{e['id']}", n_tokens=len(encode_chat(tok, e["messages"])["input_ids"]))
+        for e in drawn
+        if e["messages"][0]["content"] not in seen
+    ]
     if not out:
         raise ValueError(f"rl.fresh_tasks_per_play={per_play}: no new task fits rl_train.seq_len={seq_len}")
     return out

@@ -358,16 +358,23 @@ def play_tasks(
     return out, dropped
 
 # %% ../nbs/08_tasks.ipynb #5e30f8fd
-def split_tasks(run: Run, split: str, fits=lambda m: True) -> tuple[list[dict], dict]:
+def split_tasks(
+    run: Run,
+    split: str,
+    fits=lambda m: True,
+    per_play: int | None = None,  # examples from each play (None: the `sft_data` section's number for `split`)
+    seed: int | str | None = None,  # the draws' seed (None: the run's); another seed draws other tasks
+) -> tuple[list[dict], dict]:
     "The structured-task examples of one split of `run` (from `read_docs`), and counts of what was kept and dropped."
     cfg, docs = run.preset.sft_data, read_docs(run, split)
     n = cfg.tasks_per_play
     if split != "train":
         n = max(cfg.heldout_tasks_per_play or n, math.ceil(cfg.eval_prompts / max(len(docs), 1)))
+    n, seed = per_play or n, run.preset.seed if seed is None else seed
     out, dropped, plays = [], 0, 0
     for d in docs:
         rename = cfg.rename_speakers if split == "train" else 0.0
-        ex, dr = play_tasks(d["name"], d["text"], n, run.preset.seed, fits, cfg.max_passage_chars, rename)
+        ex, dr = play_tasks(d["name"], d["text"], n, seed, fits, cfg.max_passage_chars, rename)
         out += ex
         dropped += dr
         plays += bool(ex)

@@ -460,7 +460,7 @@ BASE = Preset(
     tokenizer=TokenizerConfig(vocab_size=6400),
     model=ModelConfig(vocab_size=6400, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=8, intermediate_size=1408, max_position_embeddings=512,
-                      tie_word_embeddings=False),  # 32.2M parameters
+                      tie_word_embeddings=False),
     pretrain=TrainConfig(batch_size=32, seq_len=512, max_steps=10000, lr=1e-3, min_lr=1e-4, warmup_steps=500,
                          eval_every=500, ckpt_every=500),
     draft=ModelConfig(vocab_size=6400, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -629,7 +629,7 @@ def amp_dtype(device: torch.device | str, pref: str = "auto") -> torch.dtype | N
     if pref != "auto":
         raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {pref!r}")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None  # not emulated
     return torch.bfloat16 if cpu_has_bf16() else None
 
 

@@ -435,7 +435,7 @@ def split_groups(
         return 0 if frac <= 0 else max(round(frac * n), 1 if n >= 3 else 0)
 
     n_test, n_valid = count(test_frac), count(valid_frac)
-    if n >= 3 and n_test + n_valid >= n:
+    if n and n_test + n_valid >= n:
         raise ValueError(f"valid_frac={valid_frac} + test_frac={test_frac} leave no training group out of {n}")
     out = {g: "train" for g in pinned}
     for i, g in enumerate(free):

@@ -76,7 +76,7 @@ def grpo_loss(
     kl = torch.exp(d) - d - 1  # k3: >= 0, unbiased
     n = mask.sum().clamp(min=1)
     loss = ((pg + kl_coef * kl) * mask).sum() / n
-    clipped = ((ratio - 1).abs() > clip_eps).float()
+    clipped = ((ratio > 1 + clip_eps) & (a > 0) | (ratio < 1 - clip_eps) & (a < 0)).float()  # where the clip binds
     return loss, dict(kl=((kl * mask).sum() / n).item(), clipped=((clipped * mask).sum() / n).item())
 
 # %% ../nbs/12_rl.ipynb #c949cb60

@@ -117,7 +117,7 @@ class VLLMServer:
         lora_modules: dict | None = None,  # adapter name -> PEFT adapter folder
         dtype: str = "float32",  # 'float32' for parity, 'auto' for speed
         max_model_len: int | None = None,  # None: the model's max_position_embeddings
-        kv_cache_gib: float = 1,  # CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
+        kv_cache_gib: int = 1,  # CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)
         enforce_eager: bool = True,  # skip torch.compile / CUDA graphs: much faster start-up
         extra_args: Sequence[str] = (),  # more vLLM server arguments
         log_path: str | Path | None = None,  # server log (default: a temporary file)

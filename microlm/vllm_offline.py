@@ -77,8 +77,10 @@ def has_cuda() -> bool:
         return False
 
 
-def server_env(kv_cache_gib: float = 1, base: dict | None = None) -> dict:
+def server_env(kv_cache_gib: int = 1, base: dict | None = None) -> dict:
     "The environment for a vLLM process: KV cache size on CPU, quiet tokenizers, no telemetry."
+    if not (isinstance(kv_cache_gib, int) and kv_cache_gib >= 1):  # vLLM's CPU backend reads a whole number of GiB
+        raise ValueError(f"server_env: kv_cache_gib must be a whole number of GiB >= 1, got {kv_cache_gib!r}")
     env = dict(os.environ if base is None else base)
     if not has_cuda():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -156,7 +158,7 @@ def offline_generate(
     temperature: float = 0.0,
     dtype: str = "float32",
     max_model_len: int | None = None,  # default: the folder's max_position_embeddings
-    kv_cache_gib: float = 1,
+    kv_cache_gib: int = 1,
     seed: int = 0,
     one_by_one: bool = False,  # one request at a time after a warm-up (batch 1, to time it), not one batch
     speculative: dict | None = None,  # vLLM's speculative_config, e.g. {"method": "ngram", "num_speculative_tokens": 3}

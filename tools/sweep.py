@@ -5,6 +5,8 @@
     .venv/bin/python tools/sweep.py rl runs/small       # -> nbs/results/rl_sweep.json (12_rl; ~5 min a setting)
     .venv/bin/python tools/sweep.py rl_prompts runs/small # -> nbs/results/rl_prompts_sweep.json (12_rl: RL on new
                                                           #    train-play tasks; ~5 min a setting)
+    .venv/bin/python tools/sweep.py rl_start runs/small # -> nbs/results/rl_start_sweep.json (12_rl: RL from SFT
+                                                        #    models trained less; ~10 min a setting)
     .venv/bin/python tools/sweep.py names runs/small    # -> nbs/results/names_sweep.json (09_sft: SFT with and
                                                         #    without 08_tasks' invented speaker names; ~10 min a setting)
     .venv/bin/python tools/sweep.py headroom runs/small # -> nbs/results/rl_headroom.json (12_rl: what sampling can
@@ -12,9 +14,10 @@
 
 Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current stage). The others
 are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and the stages the swept
-stage starts from (hard links), then every model answers the same prompts greedily: 120 held-out *valid*-play prompts
+stage starts from that the overrides leave alone (hard links; the others are trained there too), then every model answers the same prompts greedily: 120 held-out *valid*-play prompts
 (the plays the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). For `dpo` and `rl`
-the model they start from answers them too, so a row's gain is measured on the same prompts. Scratch runs still current
+the model they start from answers them too (a row that retrains it has its own `start`), so a row's gain is measured
+on the same prompts. Scratch runs still current
 are reused.
 
 `headroom` trains nothing: the run's RL start and RL model each answer both prompt sets greedily and with HEADROOM's k
@@ -59,6 +62,13 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "30 steps, 10 new tasks per play": {"rl": {"fresh_tasks_per_play": 10}},
         "60 steps, 20 new tasks per play": {"rl": {"fresh_tasks_per_play": 20}, "rl_train": {"max_steps": 60}},
     },
+    "rl_start": {  # RL from SFT models trained less: a start with more room to grow (each row trains its own SFT)
+        "SFT 600 steps (preset)": {},
+        "SFT 300 steps": {"sft": {"max_steps": 300}},
+        "SFT 150 steps": {"sft": {"max_steps": 150}},
+        "SFT 300 steps; RL 60 steps, lr 3e-4": {"sft": {"max_steps": 300},
+                                                "rl_train": {"max_steps": 60, "lr": 3e-4, "min_lr": 3e-5}},
+    },
     "dpo": {
         "40 steps, beta 0.3 (preset)": {},
         "beta 0.1 (the DPO paper's)": {"dpo": {"beta": 0.1}},
@@ -73,12 +83,21 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "every example renamed": {"sft_data": {"rename_speakers": 1.0}},
     },
 }
-STAGE = {"names": "sft", "rl_prompts": "rl"}  # the stage a sweep trains, where it is not the sweep's own name
+STAGE = {"names": "sft", "rl_prompts": "rl", "rl_start": "rl"}  # the stage a sweep trains, where it is not the sweep's own name
 CURVE = {"sft": "val_loss", "dpo": "heldout_f1", "rl": "heldout_f1"}  # the log record each row's curve follows
 SUMMARY = {"sft": ("val_loss",), "dpo": ("pairs", "loss", "sample_reward"),
            "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary
 HEADROOM = dict(k=16, temperatures=(0.5, 1.0), seed=0)  # headroom: answers sampled per prompt, at each temperature
 KEYS = ("f1", "exact", "parse", "schema_valid")
+
+
+def untouched(stage: str, overrides: dict) -> list[str]:
+    "The stages `stage` starts from that read none of the overridden sections, nor a stage that does."
+    moved = set()
+    for s in plan(stage)[:-1]:
+        if set(get_stage(s).sections) & set(overrides) or set(get_stage(s).deps) & moved:
+            moved.add(s)
+    return [s for s in plan(stage)[:-1] if s not in moved]
 
 
 def scratch_run(base: Run, stage: str, name: str, overrides: dict, work: Path) -> Run:
@@ -87,7 +106,7 @@ def scratch_run(base: Run, stage: str, name: str, overrides: dict, work: Path) -
         return base
     d = work / name.replace(" ", "_").replace("/", "-").replace(",", "")
     preset = apply_overrides(base.preset, overrides)
-    shared = plan(stage)[:-1]
+    shared = untouched(stage, overrides)  # shared with `base`; the rest are trained in the scratch run
     same = (d / "config.json").exists() and Run(d).preset == preset
     if not (same and all(read_marker(d, s) == read_marker(base, s) for s in shared)):  # new, or the base re-ran one
         run = trial_run(base, d, base.preset.seed, overrides)  # data and tokenizer
@@ -127,6 +146,11 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     rows = []
     for name, ov in settings.items():
         run, t0 = scratch_run(base, stage, name, ov, work), time.time()
+        start = {}
+        if stage in ("dpo", "rl") and get_stage(stage).deps[0] not in untouched(stage, ov):  # the row's own start
+            s = get_stage(stage).deps[0]
+            ensure(run, s, log=print)
+            start = {"start": dict(stage=s, **scores(load_model(run / s), tok, prompts, n_new))}
         was_current = is_current(run, stage)
         summary = run_stage(run, stage, log=print, progress=False)
         marker = json.loads((run / ".stages" / f"{stage}.json").read_text())
@@ -147,6 +171,7 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
                 machine=marker.get("machine"),
                 reused=was_current,
                 **extra,
+                **start,
                 **scores(model, tok, prompts, n_new),
                 curve=[(r["step"], r[CURVE[stage]]) for r in read_log(run / stage / "log.jsonl") if CURVE[stage] in r],
                 answers=[dict(prompt=e["messages"][0]["content"], gold=e["messages"][1]["content"], answer=a)

@@ -5,20 +5,20 @@
     .venv/bin/python tools/sweep.py rl runs/small       # -> nbs/results/rl_sweep.json (12_rl; ~5 min a setting)
     .venv/bin/python tools/sweep.py rl_prompts runs/small # -> nbs/results/rl_prompts_sweep.json (12_rl: RL on new
                                                           #    train-play tasks; ~5 min a setting)
-    .venv/bin/python tools/sweep.py rl_start runs/small # -> nbs/results/rl_start_sweep.json (12_rl: RL from SFT
-                                                        #    models trained less; ~10 min a setting)
+    .venv/bin/python tools/sweep.py rl_start runs/small # -> nbs/results/rl_start_sweep.json (12_rl: RL from
+                                                        #    SFT models trained less; ~10 min a setting)
     .venv/bin/python tools/sweep.py names runs/small    # -> nbs/results/names_sweep.json (09_sft: SFT with and
                                                         #    without 08_tasks' invented speaker names; ~10 min a setting)
     .venv/bin/python tools/sweep.py headroom runs/small # -> nbs/results/rl_headroom.json (12_rl: what sampling can
                                                         #    reach; trains nothing; ~12 min)
 
 Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current stage). The others
-are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and the stages the swept
-stage starts from that the overrides leave alone (hard links; the others are trained there too), then every model answers the same prompts greedily: 120 held-out *valid*-play prompts
-(the plays the settings were chosen on) and the leaderboard's 120 *test*-play prompts (17_evaluate). For `dpo` and `rl`
-the model they start from answers them too (a row that retrains it has its own `start`), so a row's gain is measured
-on the same prompts. Scratch runs still current
-are reused.
+are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and those stages the swept
+stage starts from that the overrides leave alone (hard links; the others are trained there too). Then every model
+answers the same prompts greedily: 120 held-out *valid*-play prompts (the plays the settings were chosen on) and the
+leaderboard's 120 *test*-play prompts (17_evaluate). For `dpo` and `rl` the model they start from answers them too (a
+row that retrains it has its own `start`), so a row's gain is measured on the same prompts. Scratch runs still
+current are reused.
 
 `headroom` trains nothing: the run's RL start and RL model each answer both prompt sets greedily and with HEADROOM's k
 samples per prompt at each temperature, scored as the leaderboard scores (12_rl's `answer_scores` and `best_of_n`),
@@ -83,7 +83,7 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "every example renamed": {"sft_data": {"rename_speakers": 1.0}},
     },
 }
-STAGE = {"names": "sft", "rl_prompts": "rl", "rl_start": "rl"}  # the stage a sweep trains, where it is not the sweep's own name
+STAGE = {"names": "sft", "rl_prompts": "rl", "rl_start": "rl"}  # the stage a sweep trains, where not its own name
 CURVE = {"sft": "val_loss", "dpo": "heldout_f1", "rl": "heldout_f1"}  # the log record each row's curve follows
 SUMMARY = {"sft": ("val_loss",), "dpo": ("pairs", "loss", "sample_reward"),
            "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary

@@ -370,7 +370,7 @@ def split_tasks(
     n = cfg.tasks_per_play
     if split != "train":
         n = max(cfg.heldout_tasks_per_play or n, math.ceil(cfg.eval_prompts / max(len(docs), 1)))
-    n, seed = per_play or n, run.preset.seed if seed is None else seed
+    n, seed = n if per_play is None else per_play, run.preset.seed if seed is None else seed
     out, dropped, plays = [], 0, 0
     for d in docs:
         rename = cfg.rename_speakers if split == "train" else 0.0

@@ -139,18 +139,17 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     shown = [e for e in prompts["test"] if e["kind"] == "repair"][:4]  # answers shown beside the gold
     out = dict(stage=stage, run=str(base.root), preset=base.preset.name)
     out["prompts"] = {k: len(v) for k, v in prompts.items()}
-    if stage in ("dpo", "rl"):  # the model the stage starts from answers the same prompts
-        start = get_stage(stage).deps[0]
+    start = get_stage(stage).deps[0] if stage in ("dpo", "rl") else None  # the model the stage starts from
+    if start:  # answers the same prompts
         out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new))
         print(json.dumps(out["start"]), flush=True)
     rows = []
     for name, ov in settings.items():
         run, t0 = scratch_run(base, stage, name, ov, work), time.time()
-        start = {}
-        if stage in ("dpo", "rl") and get_stage(stage).deps[0] not in untouched(stage, ov):  # the row's own start
-            s = get_stage(stage).deps[0]
-            ensure(run, s, log=print)
-            start = {"start": dict(stage=s, **scores(load_model(run / s), tok, prompts, n_new))}
+        own_start = {}
+        if start and start not in untouched(stage, ov):  # a row that retrains the start scores its own
+            ensure(run, start, log=print)
+            own_start = {"start": dict(stage=start, **scores(load_model(run / start), tok, prompts, n_new))}
         was_current = is_current(run, stage)
         summary = run_stage(run, stage, log=print, progress=False)
         marker = json.loads((run / ".stages" / f"{stage}.json").read_text())
@@ -171,7 +170,7 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
                 machine=marker.get("machine"),
                 reused=was_current,
                 **extra,
-                **start,
+                **own_start,
                 **scores(model, tok, prompts, n_new),
                 curve=[(r["step"], r[CURVE[stage]]) for r in read_log(run / stage / "log.jsonl") if CURVE[stage] in r],
                 answers=[dict(prompt=e["messages"][0]["content"], gold=e["messages"][1]["content"], answer=a)

@@ -319,10 +319,15 @@ class RLConfig:
     # 0: RL samples the SFT stage's own train prompts; n: n new tasks from each training play, drawn with a seed of
     # RL's own, none of whose prompts SFT trained on (12_rl's `fresh_tasks`)
     fresh_tasks_per_play: int = field(default=0, metadata=OPTION)
+    # subtracted from the reward of an answer that is not one schema-valid JSON value and nothing else: 0 lets a long
+    # run trade the schema for fields (12_rl's "A start with room to grow")
+    invalid_penalty: float = field(default=0.0, metadata=OPTION)
 
     def __post_init__(self):
         if not 0 <= self.partial_credit <= 1:
             raise ValueError(f"RLConfig: partial_credit must be in [0, 1], got {self.partial_credit}")
+        if self.invalid_penalty < 0:
+            raise ValueError(f"RLConfig: invalid_penalty must be >= 0, got {self.invalid_penalty}")
         if self.fresh_tasks_per_play < 0:
             raise ValueError(f"RLConfig: fresh_tasks_per_play must be >= 0, got {self.fresh_tasks_per_play}")
         if self.group_size < 2 or self.updates < 1 or self.clip_eps <= 0 or self.kl_coef < 0:

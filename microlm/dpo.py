@@ -52,11 +52,13 @@ def task_reward(
     example: dict,  # a structured task: its `gold` answer and `schema`
     exact_bonus: float = 0.5,  # added for a schema-valid, exact answer
     partial: float = 0.0,  # weight of `partial_f1` in the F1 term (0: a field counts only when exactly right)
+    invalid_penalty: float = 0.0,  # subtracted unless the answer is one schema-valid JSON value and nothing else
 ) -> float:
     "The verifiable reward of an answer: field F1 against the gold, plus `exact_bonus` when valid and exact."
     s = score_answer(text, example["gold"], example["schema"])
     f1 = answer_f1(s) if not partial else (1 - partial) * answer_f1(s) + partial * partial_f1(text, example["gold"])
-    return f1 + exact_bonus * float(s["exact"] and s["schema_valid"])
+    broken = not (s["schema_valid"] and s["json_only"])  # breaks its schema, or has text around its JSON
+    return f1 + exact_bonus * float(s["exact"] and s["schema_valid"]) - invalid_penalty * broken
 
 # %% ../nbs/11_dpo.ipynb #3e48d207
 def task_prompts(tok, examples: list[dict]) -> list[list[int]]:

@@ -217,7 +217,7 @@ def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool =
     tok, model, heldout, key = tuning_setup(run, "rl", start, force, "start.json")
     ref = load_model(run / start).eval().requires_grad_(False)  # the KL penalty's anchor
     first = cached(out / "start.json", key, lambda: dict(start=score_model(model, tok, heldout, cfg.max_new_tokens)))
-    reward = lambda text, e: task_reward(text, e, cfg.exact_bonus, cfg.partial_credit)
+    reward = lambda text, e: task_reward(text, e, cfg.exact_bonus, cfg.partial_credit, cfg.invalid_penalty)
     fresh = cfg.fresh_tasks_per_play
     examples = fresh_tasks(run, tok, fresh, tcfg.seq_len) if fresh else sft_tasks(run, "train", tcfg.seq_len)
     rollouts = Rollouts(

@@ -65,6 +65,24 @@ def test_partial_credit():
         RLConfig(partial_credit=1.5)
 
 
+def test_invalid_penalty():
+    "An answer that breaks its schema, is no JSON or goes on after it loses the penalty; a valid one keeps its reward."
+    hack = '{"act":1,"scene":1,"speakers":["Ber","Fran"],"enter":["Bernardo"],"enter":[],"enter":[]}'  # and no exit
+    for example, answer, valid in [
+        (REPAIR, '{"speaker":"Ber","act":1,"scene":1,"words":2}', True),
+        (REPAIR, '{"speaker":"Ber","act":1,"scene":1,"words":3}', True),    # valid, one field wrong
+        (REPAIR, '{"speaker":"Ber","act":1,"scene":1,"words":"2"}', False),  # a string where the schema wants int
+        (REPAIR, "Ber says two words in act 1, scene 1.", False),
+        (REPAIR, '{"speaker":"Ber","act":1,"scene":1,"words":2} and so on, and so on', False),  # never stops
+        (EXTRACT, hack, False),  # JSON keeps the last of repeated keys: enter is [], and exit is missing
+    ]:
+        plain = task_reward(answer, example)
+        assert task_reward(answer, example, invalid_penalty=0.5) == pytest.approx(plain - 0.5 * (not valid))
+    assert task_reward(hack, EXTRACT) == pytest.approx(2 * 4 / 11)  # act, scene, 2 speakers of 5 leaves vs 6 gold
+    with pytest.raises(ValueError, match="invalid_penalty"):
+        RLConfig(invalid_penalty=-0.5)
+
+
 @pytest.mark.parametrize("value,error,match", [
     (True, TypeError, "got bool"), ({"f1": 1.0}, TypeError, "got dict"), (None, TypeError, "got NoneType"),
     ("1.0", TypeError, "got str"), (torch.tensor(1.0), TypeError, r"\.item\(\)"),

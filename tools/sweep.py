@@ -6,7 +6,8 @@
     .venv/bin/python tools/sweep.py rl_prompts runs/small # -> nbs/results/rl_prompts_sweep.json (12_rl: RL on new
                                                           #    train-play tasks; ~5 min a setting)
     .venv/bin/python tools/sweep.py rl_start runs/small # -> nbs/results/rl_start_sweep.json (12_rl: RL from
-                                                        #    SFT models trained less; ~10 min a setting)
+                                                        #    SFT models trained less; ~10 min a setting, the
+                                                        #    240-step ones ~23)
     .venv/bin/python tools/sweep.py names runs/small    # -> nbs/results/names_sweep.json (09_sft: SFT with and
                                                         #    without 08_tasks' invented speaker names; ~10 min a setting)
     .venv/bin/python tools/sweep.py headroom runs/small # -> nbs/results/rl_headroom.json (12_rl: what sampling can
@@ -38,6 +39,7 @@ from microlm.rl import answer_scores, best_of_n  # noqa: E402
 from microlm.sft import finetune_data, padded_share  # noqa: E402
 from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
 from microlm.stages import ensure, get_stage, is_current, plan, read_marker, run_stage  # noqa: E402
+from microlm.tasks import score_answer  # noqa: E402
 from microlm.tokenizer import load_tokenizer  # noqa: E402
 from microlm.train import read_log  # noqa: E402
 
@@ -68,6 +70,12 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "SFT 150 steps": {"sft": {"max_steps": 150}},
         "SFT 300 steps; RL 60 steps, lr 3e-4": {"sft": {"max_steps": 300},
                                                 "rl_train": {"max_steps": 60, "lr": 3e-4, "min_lr": 3e-5}},
+        "SFT 300 steps; RL 240 steps, lr 3e-4": {"sft": {"max_steps": 300},
+                                                 "rl_train": {"max_steps": 240, "lr": 3e-4, "min_lr": 3e-5,
+                                                              "eval_every": 20, "ckpt_every": 20}},
+        "SFT 300 steps; RL 240 steps, lr 3e-4, invalid -0.5": {
+            "sft": {"max_steps": 300}, "rl": {"invalid_penalty": 0.5},
+            "rl_train": {"max_steps": 240, "lr": 3e-4, "min_lr": 3e-5, "eval_every": 20, "ckpt_every": 20}},
     },
     "dpo": {
         "40 steps, beta 0.3 (preset)": {},
@@ -159,6 +167,9 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
             b = finetune_data(run, tok, run.preset.sft)[1]
             extra["padded_share"] = round(padded_share(b.encoded, b.batch_size, b.groups), 3)
         answers = [g[0].text for g in sample_answers(model, tok, shown, 1, 0.0, n_new)]
+        test = [g[0].text for g in sample_answers(model, tok, prompts["test"], 1, 0.0, n_new)]
+        broken = [(e, a) for e, a in zip(prompts["test"], test)  # test answers that break their schema
+                  if not score_answer(a, e["gold"], e["schema"])["schema_valid"]]
         rows.append(
             dict(
                 setting=name,
@@ -175,6 +186,7 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
                 curve=[(r["step"], r[CURVE[stage]]) for r in read_log(run / stage / "log.jsonl") if CURVE[stage] in r],
                 answers=[dict(prompt=e["messages"][0]["content"], gold=e["messages"][1]["content"], answer=a)
                          for e, a in zip(shown, answers)],
+                broken=[dict(kind=e["kind"], gold=e["messages"][1]["content"], answer=a) for e, a in broken[:2]],
             )
         )
         print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)

@@ -25,10 +25,10 @@ from .train import read_log
 
 # %% auto #0
 __all__ = ['DPO_PANELS', 'answer_f1', 'partial_f1', 'task_reward', 'task_prompts', 'sample_answers', 'sft_tasks',
-           'heldout_examples', 'score_model', 'preference_pairs', 'token_logps', 'dpo_loss', 'dpo_batch_loss',
-           'trl_dpo_loss', 'Targets', 'encode_pair', 'pair_batch', 'PairBatches', 'reference_logps', 'append_log',
-           'heldout_record', 'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'tuning_setup', 'check_context',
-           'make_pairs', 'dpo_stage', 'stage_results']
+           'heldout_examples', 'graded_answers', 'score_model', 'preference_pairs', 'token_logps', 'dpo_loss',
+           'dpo_batch_loss', 'trl_dpo_loss', 'Targets', 'encode_pair', 'pair_batch', 'PairBatches', 'reference_logps',
+           'append_log', 'heldout_record', 'finish_tuning', 'watcher', 'plot_metrics', 'cached', 'tuning_setup',
+           'check_context', 'make_pairs', 'dpo_stage', 'stage_results']
 
 # %% ../nbs/11_dpo.ipynb #ef324b72
 def answer_f1(score: dict) -> float:
@@ -113,10 +113,17 @@ def heldout_examples(run: Run, n: int, seq_len: int) -> list[dict]:
     return ex[:n]
 
 
-def score_model(model, tok, examples: list[dict], max_new_tokens: int = 128, batch_size: int = 24) -> dict:
-    "Greedy answers to `examples`, graded: `aggregate` of `score_answer` (parse, schema_valid, exact, f1, ...)."
+def graded_answers(
+    model, tok, examples: list[dict], max_new_tokens: int = 128, batch_size: int = 24
+) -> list[tuple[str, dict]]:
+    "Greedy answers to `examples`, each with its `score_answer` grades (parse, schema_valid, exact, tp, ...)."
     gens = sample_answers(model, tok, examples, 1, 0.0, max_new_tokens, batch_size=batch_size)
-    return aggregate([score_answer(g[0].text, e["gold"], e["schema"]) for e, g in zip(examples, gens)])
+    return [(g[0].text, score_answer(g[0].text, e["gold"], e["schema"])) for e, g in zip(examples, gens)]
+
+
+def score_model(model, tok, examples: list[dict], max_new_tokens: int = 128, batch_size: int = 24) -> dict:
+    "`graded_answers` of `examples`, aggregated: parse, schema_valid, exact and field F1 rates."
+    return aggregate([s for _, s in graded_answers(model, tok, examples, max_new_tokens, batch_size)])
 
 # %% ../nbs/11_dpo.ipynb #577e1bd3
 def preference_pairs(

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from microlm.config import SMOKE, ModelConfig, RLConfig, Run
-from microlm.dpo import task_reward
+from microlm.dpo import graded_answers, score_model, task_reward
 from microlm.model import MicroLM
 from microlm.rl import (
     Rollouts, answer_scores, best_of_n, check_reward, group_advantages, grpo_loss, grpo_loss_fn, rl_stage,
 )
-from microlm.tasks import SCHEMAS, flatten
+from microlm.tasks import SCHEMAS, aggregate, flatten, score_answer
 from microlm.tokenizer import to_hf, train_bpe
 from microlm.train import list_checkpoints, read_log
 
@@ -171,6 +171,16 @@ def test_best_of_n(tok):
     for bad in ([], [[]], [[greedy[0][0]], [greedy[0][0]] * 2]):
         with pytest.raises(ValueError, match="best_of_n: expected the same number"):
             best_of_n(bad)
+
+
+def test_graded_answers_are_the_greedy_answer_scores(tok):
+    "graded_answers (11_dpo): each greedy answer with its grades, as answer_scores grades it; score_model pools them."
+    torch.manual_seed(0)
+    m, ex = MicroLM(TINY).eval(), [REPAIR, EXTRACT, REPAIR]
+    graded = graded_answers(m, tok, ex, max_new_tokens=6)
+    assert [g for _, g in graded] == [row[0] for row in answer_scores(m, tok, ex, 1, 0.0, max_new_tokens=6)]
+    assert all(score_answer(t, e["gold"], e["schema"]) == g for (t, g), e in zip(graded, ex)) and graded[0] == graded[2]
+    assert score_model(m, tok, ex, max_new_tokens=6) == aggregate([g for _, g in graded])
 
 
 def test_best_of_n_picks_by_f1_and_pools_like_the_leaderboard():

@@ -1,6 +1,6 @@
 """How the own generate's batching moves the leaderboard's own scores: greedy answers to the same prompts, batched.
 
-    .venv/bin/python tools/batch_check.py runs/small     # -> nbs/results/batch_check.json (12_rl; ~3 min)
+    .venv/bin/python tools/batch_check.py runs/small     # -> nbs/results/batch_check.json (17_evaluate; ~3 min)
 
 The own `generate` left-pads a batch; each row has its own prompt's budget (`Decoding.budgets`; before commit a9b0755
 every row had the longest prompt's, and short prompts batched with long ones had their answers cut). This scores the

@@ -32,14 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from microlm.config import Run, atomic_write, machine  # noqa: E402
-from microlm.dpo import heldout_examples, sample_answers, score_model  # noqa: E402
+from microlm.dpo import graded_answers, heldout_examples, sample_answers  # noqa: E402
 from microlm.evaluate import eval_examples  # noqa: E402
 from microlm.model import load_model  # noqa: E402
 from microlm.rl import answer_scores, best_of_n  # noqa: E402
 from microlm.sft import finetune_data, padded_share  # noqa: E402
 from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
 from microlm.stages import ensure, get_stage, is_current, plan, read_marker, run_stage  # noqa: E402
-from microlm.tasks import score_answer  # noqa: E402
+from microlm.tasks import aggregate  # noqa: E402
 from microlm.tokenizer import load_tokenizer  # noqa: E402
 from microlm.train import read_log  # noqa: E402
 
@@ -73,9 +73,17 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "SFT 300 steps; RL 240 steps, lr 3e-4": {"sft": {"max_steps": 300},
                                                  "rl_train": {"max_steps": 240, "lr": 3e-4, "min_lr": 3e-5,
                                                               "eval_every": 20, "ckpt_every": 20}},
-        "SFT 300 steps; RL 240 steps, lr 3e-4, invalid -0.5": {
+        "SFT 300 steps; RL 240 steps, lr 3e-4, invalid penalty 0.5": {
             "sft": {"max_steps": 300}, "rl": {"invalid_penalty": 0.5},
             "rl_train": {"max_steps": 240, "lr": 3e-4, "min_lr": 3e-5, "eval_every": 20, "ckpt_every": 20}},
+        "SFT 300 steps; RL 60 steps, lr 3e-4, invalid penalty 0.5": {
+            "sft": {"max_steps": 300}, "rl": {"invalid_penalty": 0.5},
+            "rl_train": {"max_steps": 60, "lr": 3e-4, "min_lr": 3e-5}},
+        # PPO's epochs: each batch of samples serves 2 optimizer steps (the clip starts to matter), same samples
+        "SFT 300 steps; RL 60 batches x 2 updates, lr 3e-4, invalid penalty 0.5": {
+            "sft": {"max_steps": 300}, "rl": {"invalid_penalty": 0.5, "updates": 2},
+            "rl_train": {"max_steps": 120, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 6, "eval_every": 20,
+                         "ckpt_every": 20}},
     },
     "dpo": {
         "40 steps, beta 0.3 (preset)": {},
@@ -136,9 +144,11 @@ def prompt_sets(base: Run) -> tuple:
     return tok, {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}, base.preset.eval.max_new_tokens
 
 
-def scores(model, tok, prompts: dict, max_new_tokens: int) -> dict:
-    return {f"{k}_{m}": round(s[m], 4) for k, ex in prompts.items()
-            for s in [score_model(model, tok, ex, max_new_tokens)] for m in KEYS}
+def scores(model, tok, prompts: dict, max_new_tokens: int) -> tuple[dict, dict]:
+    "Each prompt set's rates (`valid_f1`, `test_exact`, ...), and its graded answers (`graded_answers`) by set."
+    graded = {k: graded_answers(model, tok, ex, max_new_tokens) for k, ex in prompts.items()}
+    rates = {k: aggregate([s for _, s in g]) for k, g in graded.items()}
+    return {f"{k}_{m}": round(r[m], 4) for k, r in rates.items() for m in KEYS}, graded
 
 
 def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
@@ -149,7 +159,7 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     out["prompts"] = {k: len(v) for k, v in prompts.items()}
     start = get_stage(stage).deps[0] if stage in ("dpo", "rl") else None  # the model the stage starts from
     if start:  # answers the same prompts
-        out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new))
+        out["start"] = dict(stage=start, **scores(load_model(base / start), tok, prompts, n_new)[0])
         print(json.dumps(out["start"]), flush=True)
     rows = []
     for name, ov in settings.items():
@@ -157,7 +167,7 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
         own_start = {}
         if start and start not in untouched(stage, ov):  # a row that retrains the start scores its own
             ensure(run, start, log=print)
-            own_start = {"start": dict(stage=start, **scores(load_model(run / start), tok, prompts, n_new))}
+            own_start = {"start": dict(stage=start, **scores(load_model(run / start), tok, prompts, n_new)[0])}
         was_current = is_current(run, stage)
         summary = run_stage(run, stage, log=print, progress=False)
         marker = json.loads((run / ".stages" / f"{stage}.json").read_text())
@@ -167,9 +177,9 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
             b = finetune_data(run, tok, run.preset.sft)[1]
             extra["padded_share"] = round(padded_share(b.encoded, b.batch_size, b.groups), 3)
         answers = [g[0].text for g in sample_answers(model, tok, shown, 1, 0.0, n_new)]
-        test = [g[0].text for g in sample_answers(model, tok, prompts["test"], 1, 0.0, n_new)]
-        broken = [(e, a) for e, a in zip(prompts["test"], test)  # test answers that break their schema
-                  if not score_answer(a, e["gold"], e["schema"])["schema_valid"]]
+        rates, graded = scores(model, tok, prompts, n_new)
+        broken = [(e, a) for e, (a, s) in zip(prompts["test"], graded["test"])  # test answers that break their schema
+                  if not s["schema_valid"]]
         rows.append(
             dict(
                 setting=name,
@@ -182,7 +192,7 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
                 reused=was_current,
                 **extra,
                 **own_start,
-                **scores(model, tok, prompts, n_new),
+                **rates,
                 curve=[(r["step"], r[CURVE[stage]]) for r in read_log(run / stage / "log.jsonl") if CURVE[stage] in r],
                 answers=[dict(prompt=e["messages"][0]["content"], gold=e["messages"][1]["content"], answer=a)
                          for e, a in zip(shown, answers)],

@@ -48,7 +48,7 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
         "60 tasks/play, 300 steps": {"sft_data": {"tasks_per_play": 60}, "sft": {"max_steps": 300}},
         "200 tasks/play, 400 steps, lr 2e-3": {"sft": {"max_steps": 400, "lr": 2e-3, "min_lr": 2e-4}},
         "200 tasks/play, 600 steps (preset)": {},
-        "200 tasks/play, 600 steps, length groups": {"sft": {"length_groups": 64}},
+        "200 tasks/play, 600 steps, length groups of 64": {"sft": {"length_groups": 64}},
         "200 tasks/play, 600 steps, length groups of 4": {"sft": {"length_groups": 4}},
     },
     "rl": {

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from microlm.config import Run, atomic_write, machine  # noqa: E402
-from microlm.dpo import graded_answers, heldout_examples, sample_answers  # noqa: E402
+from microlm.dpo import graded_answers, heldout_examples  # noqa: E402
 from microlm.evaluate import eval_examples  # noqa: E402
 from microlm.model import load_model  # noqa: E402
 from microlm.rl import answer_scores, best_of_n  # noqa: E402
@@ -154,7 +154,7 @@ def scores(model, tok, prompts: dict, max_new_tokens: int) -> tuple[dict, dict]:
 def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
     ensure(base, stage)
     tok, prompts, n_new = prompt_sets(base)
-    shown = [e for e in prompts["test"] if e["kind"] == "repair"][:4]  # answers shown beside the gold
+    shown = [i for i, e in enumerate(prompts["test"]) if e["kind"] == "repair"][:4]  # answers shown beside the gold
     out = dict(stage=stage, run=str(base.root), preset=base.preset.name)
     out["prompts"] = {k: len(v) for k, v in prompts.items()}
     start = get_stage(stage).deps[0] if stage in ("dpo", "rl") else None  # the model the stage starts from
@@ -176,7 +176,6 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
         if stage == "sft":  # the share of padding in its batches
             b = finetune_data(run, tok, run.preset.sft)[1]
             extra["padded_share"] = round(padded_share(b.encoded, b.batch_size, b.groups), 3)
-        answers = [g[0].text for g in sample_answers(model, tok, shown, 1, 0.0, n_new)]
         rates, graded = scores(model, tok, prompts, n_new)
         broken = [(e, a) for e, (a, s) in zip(prompts["test"], graded["test"])  # test answers that break their schema
                   if not s["schema_valid"]]
@@ -195,7 +194,7 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
                 **rates,
                 curve=[(r["step"], r[CURVE[stage]]) for r in read_log(run / stage / "log.jsonl") if CURVE[stage] in r],
                 answers=[dict(prompt=e["messages"][0]["content"], gold=e["messages"][1]["content"], answer=a)
-                         for e, a in zip(shown, answers)],
+                         for e, a in ((prompts["test"][i], graded["test"][i][0]) for i in shown)],
                 broken=[dict(kind=e["kind"], gold=e["messages"][1]["content"], answer=a) for e, a in broken[:2]],
             )
         )

@@ -14,11 +14,11 @@ import torch
 
 # %% auto #0
 __all__ = ['VLLM_CPU_HEAD_SIZES', 'HIDDEN_ACTS', 'OPTION', 'OPTIMIZERS', 'SCHEDULES', 'SHUFFLES', 'DPO_LOSSES', 'DPO_CHOSEN',
-           'DPO_REFERENCES', 'SMALL', 'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig', 'ModelConfig',
-           'TrainConfig', 'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig', 'DPOConfig',
-           'RLConfig', 'Preset', 'get_preset', 'stable_hash', 'hashed_fields', 'atomic_write', 'atomic_path',
-           'atomic_dir', 'save_figure', 'finish_figure', 'Run', 'pick_device', 'cpu_has_bf16', 'amp_dtype', 'autocast',
-           'seed_everything', 'load_avg', 'machine', 'save_results']
+           'DPO_REFERENCES', 'RL_BASELINES', 'SMALL', 'SMOKE', 'BASE', 'PRESETS', 'DataConfig', 'TokenizerConfig',
+           'ModelConfig', 'TrainConfig', 'SFTDataConfig', 'LoraConfig', 'PretrainedConfig', 'EvalConfig', 'ServeConfig',
+           'DPOConfig', 'RLConfig', 'Preset', 'get_preset', 'stable_hash', 'hashed_fields', 'atomic_write',
+           'atomic_path', 'atomic_dir', 'save_figure', 'finish_figure', 'Run', 'pick_device', 'cpu_has_bf16',
+           'amp_dtype', 'autocast', 'seed_everything', 'load_avg', 'machine', 'save_results']
 
 # %% ../nbs/00_config.ipynb #39b8e4ad
 @dataclass(frozen=True)
@@ -271,6 +271,7 @@ class ServeConfig:
 
 # %% ../nbs/00_config.ipynb #cf5622b7
 DPO_LOSSES, DPO_CHOSEN, DPO_REFERENCES = ("sigmoid", "ipo"), ("gold", "best"), ("sft", "none")
+RL_BASELINES = ("group", "greedy")  # RLConfig.baseline
 
 
 @dataclass(frozen=True)
@@ -322,8 +323,13 @@ class RLConfig:
     # subtracted from the reward of an answer that is not one schema-valid JSON value and nothing else: 0 lets a long
     # run trade the schema for fields (12_rl's "A start with room to grow")
     invalid_penalty: float = field(default=0.0, metadata=OPTION)
+    # what each answer's reward is measured against: 'group', its group's mean (GRPO); 'greedy', the reward of the
+    # policy's own greedy answer to the prompt (ReMax), which the leaderboard scores (12_rl's "A greedy baseline")
+    baseline: str = field(default="group", metadata=OPTION)
 
     def __post_init__(self):
+        if self.baseline not in RL_BASELINES:
+            raise ValueError(f"RLConfig: baseline must be one of {RL_BASELINES}, got {self.baseline!r}")
         if not 0 <= self.partial_credit <= 1:
             raise ValueError(f"RLConfig: partial_credit must be in [0, 1], got {self.partial_credit}")
         if self.invalid_penalty < 0:

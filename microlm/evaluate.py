@@ -81,7 +81,7 @@ def own_backend(
 
     return answer
 
-
+# %% ../nbs/17_evaluate.ipynb #cc65400e
 def hf_backend(
     folder: str | Path,  # a Hugging Face model folder
     max_new_tokens: int = 128,
@@ -104,7 +104,7 @@ def hf_backend(
 
     return answer
 
-
+# %% ../nbs/17_evaluate.ipynb #9c87f30d
 def openai_backend(
     base_url: str,
     model: str,
@@ -230,6 +230,11 @@ def best_own(board: dict) -> str | None:
     return max(own, key=lambda m: (board[m]["f1"], board[m]["exact"], board[m]["parse"]), default=None)
 
 
+def _held_out(n: int) -> str:
+    "'1 held-out prompt', '120 held-out prompts'."
+    return f"{n} held-out prompt" + ("" if n == 1 else "s")
+
+
 def judgement(board: dict) -> str:
     "A short written recommendation of which model to deploy, generated from the leaderboard numbers."
     ranked = sorted(board, key=lambda m: (board[m]["f1"], board[m]["exact"], board[m]["parse"]), reverse=True)
@@ -239,10 +244,10 @@ def judgement(board: dict) -> str:
         scores = "; ".join(
             f"{m} F1 {board[m]['f1']:.1%}, exact {board[m]['exact']:.1%}, parse {board[m]['parse']:.1%}" for m in ranked
         )
-        return f"No model is fit to deploy: none gets a single field right on the {b['n']} held-out prompts ({scores})."
+        return f"No model is fit to deploy: none gets a single field right on the {_held_out(b['n'])} ({scores})."
     text = (
         f"Deploy **{best}**: field F1 {b['f1']:.1%}, exact match {b['exact']:.1%}, JSON parse rate "
-        f"{b['parse']:.1%} and schema-valid {b['schema_valid']:.1%} on {b['n']} held-out prompts"
+        f"{b['parse']:.1%} and schema-valid {b['schema_valid']:.1%} on {_held_out(b['n'])}"
     )
     if second:
         text += f", ahead of {second} (F1 {board[second]['f1']:.1%}, exact {board[second]['exact']:.1%})"
@@ -267,7 +272,7 @@ def judgement(board: dict) -> str:
         text += " Serve with constrained decoding (`response_format` json_schema) so that every answer parses."
     return text
 
-
+# %% ../nbs/17_evaluate.ipynb #ce5dd1be
 def plot_leaderboard(board: dict, per_kind: dict, out: Path) -> list[Path]:
     "Grouped bars per metric and a model × kind heat map of field F1; the PNG paths."
     models = list(board)

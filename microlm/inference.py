@@ -28,7 +28,7 @@ from .train import pretrain_model
 from .vllm_offline import offline_generate
 
 # %% auto #0
-__all__ = ['PROJECTIONS', 'WRITTEN_ROWS', 'STEP_TOKENS', 'STEP_SIZES', 'STEP_OPTIONS', 'rope_pairs', 'rotate_pairs', 'linear',
+__all__ = ['WRITTEN_ROWS', 'PROJECTIONS', 'STEP_TOKENS', 'STEP_SIZES', 'STEP_OPTIONS', 'rope_pairs', 'rotate_pairs', 'linear',
            'swiglu', 'FastLM', 'fast_forward', 'decode_layers', 'compiled_step', 'step_size', 'decode_step',
            'fast_model', 'lookup_continuation', 'pad_proposals', 'PromptLookup', 'ngram_table', 'CorpusLookup',
            'DraftModel', 'draft_stage', 'draft_folder', 'load_draft', 'structured_prompts', 'answer_corpus',
@@ -41,16 +41,13 @@ def rope_pairs(head_dim: int) -> torch.Tensor:
     return torch.arange(head_dim).view(2, head_dim // 2).t().reshape(-1)
 
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def rotate_pairs(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     "RoPE on paired rows: x (..., hd) with partners side by side, each pair turned by its (cos, sin) in (..., hd/2, 2)."
     re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos_sin.unbind(-1)
     return torch.stack((re * cos - im * sin, re * sin + im * cos), -1).flatten(-2)
 
-
+# %% ../nbs/13_inference.ipynb #a48164b0
 WRITTEN_ROWS = 8  # up to this many rows, the compiled step writes its matrix products out as dot products
 
 
@@ -66,6 +63,9 @@ def swiglu(x: torch.Tensor, norm: torch.Tensor, gate_up: torch.Tensor, down: tor
     "x + SwiGLU(rms_norm(x)), gate and up in one (2·hidden, C) matrix; x is (N, C); `rows` as in `linear`."
     g, u = linear(F.rms_norm(x, (x.size(-1),), norm, eps), gate_up, rows).chunk(2, 1)
     return x + linear(F.silu(g).mul_(u), down, rows)
+
+# %% ../nbs/13_inference.ipynb #da73e99a
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class FastLM(nn.Module):
@@ -217,7 +217,7 @@ def decode_layers(
         x = swiglu(x + linear(y.transpose(1, 2).reshape(B * T, nh * hd), wo, rows), n2, wgu, wd, eps, rows)
     return linear(F.rms_norm(x, (C,), norm, eps), head, rows).view(B, T, -1)
 
-
+# %% ../nbs/13_inference.ipynb #9b3a9512
 STEP_TOKENS = 8  # new tokens per row up to which a cached forward takes the fixed-shape step (longer: a prompt)
 STEP_SIZES = (1, 4, 8)  # the token counts it is compiled for: a check of k drafts is padded up to the next one
 # one compiled program per batch size, token count and padding (its kernels are cached on disk); `cpp_wrapper` calls

@@ -53,10 +53,15 @@ def group_advantages(
     rewards: torch.Tensor,  # (G, k): k rewards for each of G prompts
     scale: bool = True,  # divide by the group's standard deviation (GRPO); False: Dr. GRPO
     eps: float = 1e-4,
+    baseline: torch.Tensor | None = None,  # (G,) each group's bar (ReMax: its greedy answer's reward); None: its mean
 ) -> torch.Tensor:
-    "Each reward minus its group's mean (over dim -1), divided by the group's std when `scale`: (G, k)."
-    a = rewards - rewards.mean(-1, keepdim=True)
-    return a / (rewards.std(-1, keepdim=True) + eps) if scale else a
+    "Each reward minus its group's mean (or `baseline`), divided by the group's std when `scale`: (G, k)."
+    if baseline is None:
+        a = rewards - rewards.mean(-1, keepdim=True)
+        return a / (rewards.std(-1, keepdim=True) + eps) if scale else a
+    b = baseline.reshape(-1, 1)
+    # the std of the samples and the baseline together: a group whose samples agree but miss the baseline still teaches
+    return (rewards - b) / (torch.cat((rewards, b), -1).std(-1, keepdim=True) + eps) if scale else rewards - b
 
 # %% ../nbs/12_rl.ipynb #e7abe3cf
 def grpo_loss(
@@ -119,14 +124,19 @@ class Rollouts:
         ex = [self.examples[i] for i in torch.randint(len(self.examples), (self.batch_size,), generator=self.gen)]
         seed = int(torch.randint(2**31, (1,), generator=self.gen))
         gens = sample_answers(self.model, self.tok, ex, k, cfg.temperature, cfg.max_new_tokens, seed, len(ex) * k)
-        r = self.rewards(ex, gens)
-        adv = group_advantages(r, cfg.scale_rewards).flatten()
+        r, base = self.rewards(ex, gens), None
+        if cfg.baseline == "greedy":  # ReMax: the policy's greedy answer to each prompt, graded alike
+            greedy = sample_answers(self.model, self.tok, ex, 1, 0.0, cfg.max_new_tokens, batch_size=len(ex))
+            base = self.rewards(ex, greedy)[:, 0]
+        adv = group_advantages(r, cfg.scale_rewards, baseline=base)
         rows = [
             (p, g.ids + [self.eot] * (g.finish_reason == "stop"))
             for p, gs in zip(task_prompts(self.tok, ex), gens)
             for g in gs
         ]
-        flat = r.std(-1) == 0  # groups whose answers all scored alike: their advantages are 0
+        # groups whose answers all scored alike (and alike the baseline, where there is one): their advantages are 0
+        flat = r.std(-1) == 0 if base is None else (r == base[:, None]).all(-1)
+        adv = adv.flatten()
         keep = (~flat).repeat_interleave(k)
         if cfg.drop_flat and keep.any():
             rows, adv = [row for row, kp in zip(rows, keep) if kp], adv[keep]
@@ -144,6 +154,7 @@ class Rollouts:
             flat_groups=flat.float().mean().item(),
             length=sum(len(g.ids) for gs in gens for g in gs) / r.numel(),
             cut=sum(g.finish_reason != "stop" for gs in gens for g in gs) / r.numel(),  # stopped by max_new_tokens
+            **({} if base is None else {"reward_greedy": base.mean().item()}),
         )
         return x, y
 
@@ -193,7 +204,7 @@ def fresh_tasks(run: Run, tok, per_play: int, seq_len: int) -> list[dict]:
 
 # %% ../nbs/12_rl.ipynb #2525874a
 RL_PANELS = {
-    "reward (train samples)": ["reward", "reward_max"],
+    "reward (train samples)": ["reward", "reward_max", "reward_greedy"],  # reward_greedy: rl.baseline="greedy" only
     "KL to the start": ["kl"],
     "answer length (tokens)": ["length"],
     "held-out": ["heldout_f1", "heldout_exact"],
@@ -243,6 +254,7 @@ def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool =
     title = f"rl from {start}: {run.root.name}"
     log, ev = finish_tuning(model, tok, heldout, cfg.max_new_tokens, out, s["steps"], RL_PANELS, out / "rl.png", title)
     rw, n = [r["reward"] for r in log if "reward" in r], max(1, min(5, s["steps"] // 4))
+    gr = [r["reward_greedy"] for r in log if "reward_greedy" in r]  # the greedy answers' reward (rl.baseline="greedy")
     return dict(
         start=start,
         steps=s["steps"],
@@ -253,6 +265,7 @@ def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool =
         heldout_best_f1=max(r["heldout_f1"] for r in ev),
         reward_first=_mean(rw[:n]),
         reward_last=_mean(rw[-n:]),
+        **({"reward_greedy_first": _mean(gr[:n]), "reward_greedy_last": _mean(gr[-n:])} if gr else {}),
         kl=next((r["kl"] for r in reversed(log) if "kl" in r), None),
         length=_mean([r["length"] for r in log if "length" in r][-n:]),
         train_minutes=s["train_minutes"],

@@ -172,6 +172,9 @@ def test_judgement_when_nothing_parses():
     exs = [ex(i) for i in range(2)]
     board = {m: _result(m, ["no", "no"], exs)["overall"] for m in ("smol_base", "own_sft")}
     assert judgement(board).startswith("No model is fit to deploy")
+    assert "on the 2 held-out prompts" in judgement(board)
+    one = {m: _result(m, ["no"], exs[:1])["overall"] for m in ("smol_base", "own_sft")}
+    assert "on the 1 held-out prompt (" in judgement(one)                  # the count's noun agrees with it
 
 
 def test_judgement_recommends_no_model_that_scores_nothing():

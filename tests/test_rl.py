@@ -1,5 +1,6 @@
 "RL (GRPO): the reward on hand-made answers, a reward of the wrong type, advantages, the clipped loss, exact resume after SIGKILL."
 import json, math, os, shutil, signal, subprocess, sys, textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from microlm.config import SMOKE, ModelConfig, RLConfig, Run
-from microlm.dpo import graded_answers, score_model, task_reward
+from microlm.dpo import graded_answers, sample_answers, score_model, task_reward
 from microlm.model import MicroLM
 from microlm.rl import (
     Rollouts, answer_scores, best_of_n, check_reward, group_advantages, grpo_loss, grpo_loss_fn, rl_stage,
@@ -203,6 +204,41 @@ def test_group_advantages():
     assert a.sum(-1).abs().max() < 1e-6 and a[1].abs().max() == 0
     assert a[0].tolist() == pytest.approx(((r[0] - 0.5) / (r[0].std() + 1e-4)).tolist())
     assert group_advantages(r, scale=False)[0].tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])
+
+
+def test_group_advantages_against_a_baseline():
+    "ReMax: each reward minus the group's baseline (its greedy answer's reward), scaled by the std of both together."
+    r = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.3, 0.3, 0.3, 0.3], [0.2, 0.2, 0.2, 0.2]])
+    b = torch.tensor([0.5, 0.3, 0.6])
+    assert group_advantages(r, scale=False, baseline=b).flatten().tolist() == pytest.approx(
+        [0.5, -0.5, 0.0, 0.0] + [0.0] * 4 + [-0.4] * 4)  # the last: samples that agree, all below the greedy answer
+    a = group_advantages(r, baseline=b)
+    sd = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.6]).std()  # the four samples and their baseline
+    assert a[2].tolist() == pytest.approx([-0.4 / (sd.item() + 1e-4)] * 4) and a[1].abs().max() == 0
+    assert a[0].tolist() == pytest.approx(((r[0] - 0.5) / (torch.cat((r[0], b[:1])).std() + 1e-4)).tolist())
+    with pytest.raises(ValueError, match="RLConfig: baseline must be one of \\('group', 'greedy'\\), got 'mean'"):
+        RLConfig(baseline="mean")
+
+
+def test_rollouts_greedy_baseline(tok):
+    "baseline='greedy': each group's advantages are its rewards minus the reward of the policy's greedy answer."
+    torch.manual_seed(0)
+    m, k, G = MicroLM(TINY).eval(), 3, 4
+    reward = lambda text, e: len(text) % 5 + 2.0 * (e["kind"] == "repair")  # graded, and apart by prompt
+    cfg = RLConfig(group_size=k, max_new_tokens=6, drop_flat=False, scale_rewards=False, baseline="greedy")
+    ro = Rollouts(m, m, tok, [REPAIR, EXTRACT], cfg, G, seed=3, reward_fn=reward)
+    x, y = ro()
+    drawn = [[REPAIR, EXTRACT][i] for i in torch.randint(2, (G,), generator=torch.Generator().manual_seed(3))]
+    assert {e["kind"] for e in drawn} == {"repair", "extract"}  # this seed draws both prompts
+    greedy = [reward(g[0].text, e) for g, e in zip(sample_answers(m, tok, drawn, 1, 0.0, 6), drawn)]
+    assert len(set(greedy)) > 1  # the baselines differ, so a wrong pairing of baseline and group would show
+    sampled = y["advantages"].view(G, k) + torch.tensor(greedy)[:, None]  # rewards = advantage + baseline
+    assert ro.stats["reward_greedy"] == pytest.approx(sum(greedy) / G)
+    assert ro.stats["reward"] == pytest.approx(sampled.mean().item())
+    group = Rollouts(m, m, tok, [REPAIR, EXTRACT], replace(cfg, baseline="group"), G, seed=3, reward_fn=reward)
+    xg, yg = group()
+    assert torch.equal(x, xg) and "reward_greedy" not in group.stats   # the same samples, measured against their mean
+    assert torch.allclose(yg["advantages"].view(G, k), sampled - sampled.mean(-1, keepdim=True), atol=1e-5)
 
 
 def test_grpo_loss_gradient():

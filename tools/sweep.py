@@ -12,6 +12,10 @@
                                                         #    without 08_tasks' invented speaker names; ~10 min a setting)
     .venv/bin/python tools/sweep.py headroom runs/small # -> nbs/results/rl_headroom.json (12_rl: what sampling can
                                                         #    reach; trains nothing; ~12 min)
+    .venv/bin/python tools/sweep.py headroom \
+        "runs/rl_start_sweep/SFT_150_steps;_RL_120_steps_lr_3e-4_invalid_penalty_0.5" --train \
+        --out nbs/results/rl_headroom_weak_start.json   # (12_rl: the weakest start's room, and where its RL
+                                                        #  learned; after `rl_start`; ~12 min)
 
 Each setting is a set of overrides of the run's preset (`{}` is the run itself: its own, current stage). The others
 are trained in scratch runs under `runs/STAGE_sweep/` that share the run's data, tokenizer and those stages the swept
@@ -23,19 +27,20 @@ current are reused.
 
 `headroom` trains nothing: the run's RL start and RL model each answer both prompt sets greedily and with HEADROOM's k
 samples per prompt at each temperature, scored as the leaderboard scores (12_rl's `answer_scores` and `best_of_n`),
-over all prompts and per task kind: what RL can sharpen towards.
+over all prompts and per task kind: what RL can sharpen towards. With `--train` it also scores 120 of the prompts the
+RL stage trains on: where its reward is earned, against where the leaderboard measures.
 The notebooks render the tables from the JSON; nothing here is typed into prose.
 """
-import argparse, collections, json, os, shutil, sys, time
+import argparse, collections, json, os, random, shutil, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from microlm.config import Run, atomic_write, machine  # noqa: E402
-from microlm.dpo import graded_answers, heldout_examples  # noqa: E402
+from microlm.dpo import graded_answers, heldout_examples, sft_tasks  # noqa: E402
 from microlm.evaluate import eval_examples  # noqa: E402
 from microlm.model import load_model  # noqa: E402
-from microlm.rl import answer_scores, best_of_n  # noqa: E402
+from microlm.rl import answer_scores, best_of_n, fresh_tasks  # noqa: E402
 from microlm.sft import finetune_data, padded_share  # noqa: E402
 from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
 from microlm.stages import ensure, get_stage, is_current, plan, read_marker, run_stage  # noqa: E402
@@ -84,6 +89,20 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
             "sft": {"max_steps": 300}, "rl": {"invalid_penalty": 0.5, "updates": 2},
             "rl_train": {"max_steps": 120, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 6, "eval_every": 20,
                          "ckpt_every": 20}},
+        # the weakest start, the most room: does RL's gain grow with what sampling can reach?
+        "SFT 150 steps; RL 120 steps, lr 3e-4, invalid penalty 0.5": {
+            "sft": {"max_steps": 150}, "rl": {"invalid_penalty": 0.5},
+            "rl_train": {"max_steps": 120, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 6, "eval_every": 20,
+                         "ckpt_every": 20}},
+        # ReMax's baseline: each answer against the policy's greedy answer to its prompt, what the leaderboard scores
+        "SFT 600 steps (preset); greedy baseline": {"rl": {"baseline": "greedy"}},
+        "SFT 300 steps; RL 60 steps, lr 3e-4, invalid penalty 0.5, greedy baseline": {
+            "sft": {"max_steps": 300}, "rl": {"invalid_penalty": 0.5, "baseline": "greedy"},
+            "rl_train": {"max_steps": 60, "lr": 3e-4, "min_lr": 3e-5}},
+        "SFT 150 steps; RL 120 steps, lr 3e-4, invalid penalty 0.5, greedy baseline": {
+            "sft": {"max_steps": 150}, "rl": {"invalid_penalty": 0.5, "baseline": "greedy"},
+            "rl_train": {"max_steps": 120, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 6, "eval_every": 20,
+                         "ckpt_every": 20}},
     },
     "dpo": {
         "40 steps, beta 0.3 (preset)": {},
@@ -103,6 +122,7 @@ STAGE = {"names": "sft", "rl_prompts": "rl", "rl_start": "rl"}  # the stage a sw
 CURVE = {"sft": "val_loss", "dpo": "heldout_f1", "rl": "heldout_f1"}  # the log record each row's curve follows
 SUMMARY = {"sft": ("val_loss",), "dpo": ("pairs", "loss", "sample_reward"),
            "rl": ("reward_first", "reward_last", "kl", "length")}  # kept from the stage summary
+OPTIONAL = ("reward_greedy_first", "reward_greedy_last")  # kept where the stage summary has them (rl.baseline="greedy")
 HEADROOM = dict(k=16, temperatures=(0.5, 1.0), seed=0)  # headroom: answers sampled per prompt, at each temperature
 KEYS = ("f1", "exact", "parse", "schema_valid")
 
@@ -138,10 +158,17 @@ def scratch_run(base: Run, stage: str, name: str, overrides: dict, work: Path) -
     return Run(d)
 
 
-def prompt_sets(base: Run) -> tuple:
+def prompt_sets(base: Run, train: bool = False) -> tuple:
     "The run's tokenizer, its 120 held-out valid-play and the leaderboard's 120 test-play prompts, the answer budget."
     tok, L = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len
-    return tok, {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}, base.preset.eval.max_new_tokens
+    sets = {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}
+    if train:  # and 120 of the prompts the RL stage trains on, in an order fixed by the run's seed
+        cfg = base.preset
+        fresh, L = cfg.rl.fresh_tasks_per_play, cfg.rl_train.seq_len
+        ex = fresh_tasks(base, tok, fresh, L) if fresh else sft_tasks(base, "train", L)
+        random.Random(f"{cfg.seed}:rl_train").shuffle(ex)
+        sets["train"] = ex[:120]
+    return tok, sets, base.preset.eval.max_new_tokens
 
 
 def scores(model, tok, prompts: dict, max_new_tokens: int) -> tuple[dict, dict]:
@@ -185,7 +212,7 @@ def sweep(base: Run, stage: str, settings: dict, work: Path) -> dict:
                 overrides=ov,
                 steps=summary["steps"],
                 **({"train_examples": summary["examples"]["train"]} if "examples" in summary else {}),
-                **{k: summary[k] for k in SUMMARY[stage]},
+                **{k: summary[k] for k in SUMMARY[stage]}, **{k: summary[k] for k in OPTIONAL if k in summary},
                 seconds=marker["seconds"],
                 machine=marker.get("machine"),
                 reused=was_current,
@@ -207,13 +234,13 @@ def by_kind(kinds: list[str], rows: list, f) -> dict:
     return {"all": f(rows), **{k: f([r for r, kk in zip(rows, kinds) if kk == k]) for k in sorted(set(kinds))}}
 
 
-def headroom(base: Run) -> dict:
+def headroom(base: Run, train: bool = False) -> dict:
     "Greedy and best-of-n scores (12_rl's `best_of_n`) of the run's RL start and RL model, on both prompt sets."
     stages = (get_stage("rl").deps[0], "rl")
     for s in stages:
         if read_marker(base, s) is None or not (base / s / "model.safetensors").exists():
             raise SystemExit(f"{base}: no {s!r} model there; run `microlm pipeline --preset {base.preset.name}` first")
-    tok, prompts, n_new = prompt_sets(base)
+    tok, prompts, n_new = prompt_sets(base, train)
     out = dict(run=str(base.root), preset=base.preset.name, **HEADROOM, max_new_tokens=n_new, models={})
     out["prompts"] = {k: dict(collections.Counter(e["kind"] for e in ex)) for k, ex in prompts.items()}
     for s in stages:
@@ -237,9 +264,11 @@ if __name__ == "__main__":
     ap.add_argument("run", type=Path)
     ap.add_argument("--work", type=Path, help="scratch runs (default: runs/STAGE_sweep)")
     ap.add_argument("--out", type=Path, help="the record (default: nbs/results/STAGE_sweep.json)")
+    ap.add_argument("--train", action="store_true",
+                    help="headroom: RL's own train prompts too (where its reward is earned)")
     a = ap.parse_args()
     if a.stage == "headroom":
-        res, out = headroom(Run(a.run)), a.out or ROOT / "nbs" / "results" / "rl_headroom.json"
+        res, out = headroom(Run(a.run), a.train), a.out or ROOT / "nbs" / "results" / "rl_headroom.json"
     else:
         work = a.work or ROOT / "runs" / f"{a.stage}_sweep"
         res = sweep(Run(a.run), STAGE.get(a.stage, a.stage), SETTINGS[a.stage], work)

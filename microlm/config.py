@@ -326,6 +326,9 @@ class RLConfig:
     # what each answer's reward is measured against: 'group', its group's mean (GRPO); 'greedy', the reward of the
     # policy's own greedy answer to the prompt (ReMax), which the leaderboard scores (12_rl's "A greedy baseline")
     baseline: str = field(default="group", metadata=OPTION)
+    # only the samples that beat their baseline teach (advantages below 0 set to 0): with the greedy baseline, RL
+    # fine-tunes on the answers better than the greedy one, as rejection-sampling fine-tuning does (12_rl)
+    positive_only: bool = field(default=False, metadata=OPTION)
 
     def __post_init__(self):
         if self.baseline not in RL_BASELINES:

@@ -129,6 +129,8 @@ class Rollouts:
             greedy = sample_answers(self.model, self.tok, ex, 1, 0.0, cfg.max_new_tokens, batch_size=len(ex))
             base = self.rewards(ex, greedy)[:, 0]
         adv = group_advantages(r, cfg.scale_rewards, baseline=base)
+        if cfg.positive_only:  # no sample is pushed down: only those that beat their baseline teach
+            adv = adv.clamp(min=0)
         rows = [
             (p, g.ids + [self.eot] * (g.finish_reason == "stop"))
             for p, gs in zip(task_prompts(self.tok, ex), gens)
@@ -136,6 +138,8 @@ class Rollouts:
         ]
         # groups whose answers all scored alike (and alike the baseline, where there is one): their advantages are 0
         flat = r.std(-1) == 0 if base is None else (r == base[:, None]).all(-1)
+        if cfg.positive_only:  # and the groups where none beat it
+            flat |= (adv <= 0).all(-1)
         adv = adv.flatten()
         keep = (~flat).repeat_interleave(k)
         if cfg.drop_flat and keep.any():

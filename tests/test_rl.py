@@ -239,6 +239,15 @@ def test_rollouts_greedy_baseline(tok):
     xg, yg = group()
     assert torch.equal(x, xg) and "reward_greedy" not in group.stats   # the same samples, measured against their mean
     assert torch.allclose(yg["advantages"].view(G, k), sampled - sampled.mean(-1, keepdim=True), atol=1e-5)
+    # positive_only: the same samples; an extract answer scores what its greedy answer scores, so nothing there beats it
+    reward2 = lambda text, e: len(text) % 5 if e["kind"] == "repair" else 1.0
+    plain = Rollouts(m, m, tok, [REPAIR, EXTRACT], cfg, G, seed=3, reward_fn=reward2)()[1]["advantages"].view(G, k)
+    pos = Rollouts(m, m, tok, [REPAIR, EXTRACT], replace(cfg, positive_only=True, drop_flat=True), G, seed=3,
+                   reward_fn=reward2)
+    xp, yp = pos()
+    kept = plain.gt(0).any(-1)  # groups where some sample beats the greedy answer; the others leave the batch
+    assert 0 < kept.sum() < G and pos.stats["flat_groups"] == 1 - kept.float().mean().item()
+    assert torch.allclose(yp["advantages"], plain[kept].clamp(min=0).flatten()) and xp.shape[0] == kept.sum() * k
 
 
 def test_grpo_loss_gradient():

@@ -27,8 +27,8 @@ current are reused.
 
 `headroom` trains nothing: the run's RL start and RL model each answer both prompt sets greedily and with HEADROOM's k
 samples per prompt at each temperature, scored as the leaderboard scores (12_rl's `answer_scores` and `best_of_n`),
-over all prompts and per task kind: what RL can sharpen towards. With `--train` it also scores 120 of the prompts the
-RL stage trains on: where its reward is earned, against where the leaderboard measures.
+over all prompts and per task kind: what RL can sharpen towards. With `--train` it also scores 120 prompts from the
+pool the RL stage draws its train prompts from: where its reward is earned, against where the leaderboard measures.
 The notebooks render the tables from the JSON; nothing here is typed into prose.
 """
 import argparse, collections, json, os, random, shutil, sys, time
@@ -103,6 +103,12 @@ SETTINGS = {  # sweep -> setting name -> overrides of the run's preset (the swee
             "sft": {"max_steps": 150}, "rl": {"invalid_penalty": 0.5, "baseline": "greedy"},
             "rl_train": {"max_steps": 120, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 6, "eval_every": 20,
                          "ckpt_every": 20}},
+        # and only the samples that beat the greedy answer teach: rejection-sampling fine-tuning, inside GRPO's loss
+        "SFT 600 steps (preset); greedy baseline, positive only": {"rl": {"baseline": "greedy", "positive_only": True}},
+        "SFT 150 steps; RL 120 steps, lr 3e-4, invalid penalty 0.5, greedy baseline, positive only": {
+            "sft": {"max_steps": 150}, "rl": {"invalid_penalty": 0.5, "baseline": "greedy", "positive_only": True},
+            "rl_train": {"max_steps": 120, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 6, "eval_every": 20,
+                         "ckpt_every": 20}},
     },
     "dpo": {
         "40 steps, beta 0.3 (preset)": {},
@@ -159,10 +165,11 @@ def scratch_run(base: Run, stage: str, name: str, overrides: dict, work: Path) -
 
 
 def prompt_sets(base: Run, train: bool = False) -> tuple:
-    "The run's tokenizer, its 120 held-out valid-play and the leaderboard's 120 test-play prompts, the answer budget."
+    """The tokenizer, the 120 held-out valid-play and the leaderboard's 120 test-play prompts (`train`: and 120 from
+    RL's train pool), the answer budget."""
     tok, L = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len
     sets = {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}
-    if train:  # and 120 of the prompts the RL stage trains on, in an order fixed by the run's seed
+    if train:  # and 120 from the pool the RL stage draws its prompts from, in an order fixed by the run's seed
         cfg = base.preset
         fresh, L = cfg.rl.fresh_tasks_per_play, cfg.rl_train.seq_len
         ex = fresh_tasks(base, tok, fresh, L) if fresh else sft_tasks(base, "train", L)
@@ -265,7 +272,7 @@ if __name__ == "__main__":
     ap.add_argument("--work", type=Path, help="scratch runs (default: runs/STAGE_sweep)")
     ap.add_argument("--out", type=Path, help="the record (default: nbs/results/STAGE_sweep.json)")
     ap.add_argument("--train", action="store_true",
-                    help="headroom: RL's own train prompts too (where its reward is earned)")
+                    help="headroom: 120 prompts from RL's train pool too (where its reward is earned)")
     a = ap.parse_args()
     if a.stage == "headroom":
         res, out = headroom(Run(a.run), a.train), a.out or ROOT / "nbs" / "results" / "rl_headroom.json"

@@ -228,11 +228,16 @@ def test_rollouts_greedy_baseline(tok):
     cfg = RLConfig(group_size=k, max_new_tokens=6, drop_flat=False, scale_rewards=False, baseline="greedy")
     ro = Rollouts(m, m, tok, [REPAIR, EXTRACT], cfg, G, seed=3, reward_fn=reward)
     x, y = ro()
-    drawn = [[REPAIR, EXTRACT][i] for i in torch.randint(2, (G,), generator=torch.Generator().manual_seed(3))]
+    gen = torch.Generator().manual_seed(3)  # the draws Rollouts makes: the prompts, then the sampling seed
+    drawn = [[REPAIR, EXTRACT][i] for i in torch.randint(2, (G,), generator=gen)]
+    seed = int(torch.randint(2**31, (1,), generator=gen))
     assert {e["kind"] for e in drawn} == {"repair", "extract"}  # this seed draws both prompts
     greedy = [reward(g[0].text, e) for g, e in zip(sample_answers(m, tok, drawn, 1, 0.0, 6), drawn)]
-    assert len(set(greedy)) > 1  # the baselines differ, so a wrong pairing of baseline and group would show
-    sampled = y["advantages"].view(G, k) + torch.tensor(greedy)[:, None]  # rewards = advantage + baseline
+    assert len(set(greedy)) > 1  # the baselines differ by prompt
+    sampled = torch.tensor([[reward(a.text, e) for a in gs] for gs, e in
+                            zip(sample_answers(m, tok, drawn, k, cfg.temperature, 6, seed, G * k), drawn)])
+    # each group against its own prompt's greedy answer: a permuted or pooled baseline would not match
+    assert torch.allclose(y["advantages"].view(G, k), sampled - torch.tensor(greedy)[:, None], atol=1e-5)
     assert ro.stats["reward_greedy"] == pytest.approx(sum(greedy) / G)
     assert ro.stats["reward"] == pytest.approx(sampled.mean().item())
     group = Rollouts(m, m, tok, [REPAIR, EXTRACT], replace(cfg, baseline="group"), G, seed=3, reward_fn=reward)

@@ -68,7 +68,7 @@ def server_command(
         "--disable-uvicorn-access-log",
     ]
     if api_key:
-        cmd += ["--api-key", api_key]
+        cmd += [f"--api-key={api_key}"]  # one token: a key may start with "-", which argparse would take for a flag
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     if enforce_eager:

@@ -34,7 +34,11 @@ def test_server_command(tiny):
                          lora_modules={"a": tiny["lora"], "b": tiny["lora"]}, extra_args=COMPACT_JSON_ARGS)
     assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     val = lambda f: cmd[cmd.index(f) + 1]
-    assert (val("--port"), val("--api-key"), val("--max-model-len"), val("--max-loras"), val("--max-lora-rank")) == ("1234", "k", "64", "2", "8")
+    assert (val("--port"), val("--max-model-len"), val("--max-loras"), val("--max-lora-rank")) == ("1234", "64", "2", "8")
+    assert "--api-key=k" in cmd
+    # a key that starts with "-" (secrets.token_urlsafe draws one in 64) stays the flag's value, not a flag of its own
+    dash = server_command(tiny["model"], served_name="m", host="h", port=1, api_key="-x_Y")
+    assert "--api-key=-x_Y" in dash and "--api-key" not in dash
     assert f"a={tiny['lora']}" in cmd and "--enable-lora" in cmd and cmd[-2:] == list(COMPACT_JSON_ARGS)
     assert "--enable-lora" not in server_command(tiny["model"], served_name="m", host="h", port=1)
 

@@ -101,7 +101,7 @@ def vllm(web):
     argv = lambda p: Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
     api = next(p for p in session_pids(v["pid"]) if argv(p)[1:3] == [b"-m", b"vllm.entrypoints.openai.api_server"])
     cmd = Path(f"/proc/{api}/cmdline").read_text().split("\0")
-    return {**v, "api_pid": api, "key": cmd[cmd.index("--api-key") + 1]}
+    return {**v, "api_pid": api, "key": next(a.removeprefix("--api-key=") for a in cmd if a.startswith("--api-key="))}
 
 
 @pytest.fixture(scope="module")
@@ -475,7 +475,7 @@ def test_stop_mid_stream_cancels_the_upstream_request(page, web, vllm):
 
 def test_attached_web_server_dies_mid_reply(browser, vllm):
     "`microlm web --url` (attached, with the key) streams a reply; killed in the middle, the page says so."
-    w = WebProcess("--url", vllm["base_url"], "--api-key", vllm["key"], timeout=120)
+    w = WebProcess("--url", vllm["base_url"], f"--api-key={vllm['key']}", timeout=120)
     try:
         page = open_page(browser, w.url)
         settings(page, max_tokens=100, extra=json.dumps({"ignore_eos": True}))

@@ -31,8 +31,8 @@ from .stages import get_stage, stage_body
 from .tasks import aggregate, score_answer, split_tasks
 
 # %% auto #0
-__all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'fresh_tasks', 'rl_start',
-           'rl_stage', 'answer_scores', 'best_of_n']
+__all__ = ['RL_PANELS', 'check_reward', 'group_advantages', 'grpo_loss', 'Rollouts', 'grpo_loss_fn', 'fresh_tasks',
+           'train_prompts', 'rl_start', 'rl_stage', 'answer_scores', 'best_of_n']
 
 # %% ../nbs/12_rl.ipynb #4084f47a
 def check_reward(value, where: str = "reward") -> float:
@@ -206,6 +206,12 @@ def fresh_tasks(run: Run, tok, per_play: int, seq_len: int) -> list[dict]:
         raise ValueError(f"rl.fresh_tasks_per_play={per_play}: no new task fits rl_train.seq_len={seq_len}")
     return out
 
+
+def train_prompts(run: Run, tok) -> list[dict]:
+    "The pool the RL stage draws its prompts from: `fresh_tasks` where `rl.fresh_tasks_per_play` asks, else SFT's own."
+    fresh, seq_len = run.preset.rl.fresh_tasks_per_play, run.preset.rl_train.seq_len
+    return fresh_tasks(run, tok, fresh, seq_len) if fresh else sft_tasks(run, "train", seq_len)
+
 # %% ../nbs/12_rl.ipynb #2525874a
 RL_PANELS = {
     "reward (train samples)": ["reward", "reward_max", "reward_greedy"],  # reward_greedy: rl.baseline="greedy" only
@@ -233,8 +239,7 @@ def rl_stage(run: Run, force: bool = False, log_every: int = 1, progress: bool =
     ref = load_model(run / start).eval().requires_grad_(False)  # the KL penalty's anchor
     first = cached(out / "start.json", key, lambda: dict(start=score_model(model, tok, heldout, cfg.max_new_tokens)))
     reward = lambda text, e: task_reward(text, e, cfg.exact_bonus, cfg.partial_credit, cfg.invalid_penalty)
-    fresh = cfg.fresh_tasks_per_play
-    examples = fresh_tasks(run, tok, fresh, tcfg.seq_len) if fresh else sft_tasks(run, "train", tcfg.seq_len)
+    examples = train_prompts(run, tok)
     rollouts = Rollouts(
         model,
         ref,

@@ -37,10 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from microlm.config import Run, atomic_write, machine  # noqa: E402
-from microlm.dpo import graded_answers, heldout_examples, sft_tasks  # noqa: E402
+from microlm.dpo import graded_answers, heldout_examples  # noqa: E402
 from microlm.evaluate import eval_examples  # noqa: E402
 from microlm.model import load_model  # noqa: E402
-from microlm.rl import answer_scores, best_of_n, fresh_tasks  # noqa: E402
+from microlm.rl import answer_scores, best_of_n, train_prompts  # noqa: E402
 from microlm.sft import finetune_data, padded_share  # noqa: E402
 from microlm.speedrun import apply_overrides, trial_run  # noqa: E402
 from microlm.stages import ensure, get_stage, is_current, plan, read_marker, run_stage  # noqa: E402
@@ -170,10 +170,8 @@ def prompt_sets(base: Run, train: bool = False) -> tuple:
     tok, L = load_tokenizer(base / "tokenizer"), base.preset.sft.seq_len
     sets = {"valid": heldout_examples(base, 120, L), "test": eval_examples(base)}
     if train:  # and 120 from the pool the RL stage draws its prompts from, in an order fixed by the run's seed
-        cfg = base.preset
-        fresh, L = cfg.rl.fresh_tasks_per_play, cfg.rl_train.seq_len
-        ex = fresh_tasks(base, tok, fresh, L) if fresh else sft_tasks(base, "train", L)
-        random.Random(f"{cfg.seed}:rl_train").shuffle(ex)
+        ex = train_prompts(base, tok)
+        random.Random(f"{base.preset.seed}:rl_train").shuffle(ex)
         sets["train"] = ex[:120]
     return tok, sets, base.preset.eval.max_new_tokens
 
